@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -102,6 +103,20 @@ def convert_smollm2(dest: Path) -> Path:
     return dest
 
 
+@contextmanager
+def _quiet_loading():
+    """Hide transformers' per-tensor "Loading weights" bar (a second-long load needs none)."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
 def resolve_model_path(model_id: str) -> str:
     """Turn a `model_id` into something `from_pretrained` accepts (a folder or a hub id)."""
     if model_id == DEFAULT_MODEL:
@@ -134,8 +149,9 @@ def load_model(
     """
     path = resolve_model_path(model_id)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        with _quiet_loading():
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise ModelNotFoundError(
