@@ -36,8 +36,11 @@ notebooks: setup
 	$(PY) -m shrinklib.run --store $(ARGS)
 
 # Unit tests, kernel-vs-reference tests, runner tests, and every notebook under nbval.
+# The notebooks executed by the tests write their figures and results under build/, so a
+# test run never changes the committed outputs.
 test: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+	rm -rf build/test-outputs
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 SHRINKLIB_OUTPUTS=$(CURDIR)/build/test-outputs $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	@if [ -f shrinklib/bench.py ]; then $(PY) -m shrinklib.bench $(ARGS); fi

@@ -1,0 +1,173 @@
+"""Compiled low-bit CPU kernels (packed int, T-MAC lookup tables, codebooks, W8A8, 2:4 sparse).
+
+The C++ sources in `kernels/` are compiled on first import with torch.utils.cpp_extension and
+cached under `cache_dir()/kernels/<key>`, the key hashing the torch version, the compiler
+flags and the sources, so a stale build is never loaded. Every public function validates its
+input in Python (clear `TypeError`/`ValueError`) before calling the kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..models import cache_dir
+from .pack import (  # noqa: F401  (re-exported)
+    CODEBOOKS,
+    FP4,
+    NF4,
+    Packed24,
+    PackedInt,
+    PackedLUT,
+    pack_codebook,
+    pack_int,
+    pack_lut,
+    pack_sparse24,
+    quantize_int8_rows,
+)
+
+SOURCES = sorted((Path(__file__).resolve().parents[2] / "kernels").glob("*.cpp"))
+CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]  # SIMD through per-function target attributes
+LDFLAGS = ["-fopenmp"]
+SIMD_NAMES = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
+INT_BITS = (2, 3, 4, 8)
+LUT_BITS = (1, 2, 3, 4)
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ kernels could not be compiled or loaded."""
+
+
+def build_key() -> str:
+    """Hash of the torch version, the compiler flags and the kernel sources."""
+    h = hashlib.sha256(torch.__version__.encode())
+    h.update(" ".join(CFLAGS + LDFLAGS).encode())
+    for src in SOURCES:
+        h.update(src.name.encode() + src.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build(verbose: bool = False) -> dict:
+    """Compile (or load the cached build of) the kernels; returns what was built and how long it took."""
+    if not SOURCES:
+        raise KernelBuildError(f"no C++ sources found in {Path(__file__).resolve().parents[2] / 'kernels'}")
+    key = build_key()
+    folder = cache_dir() / "kernels" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    cached = any(folder.glob("*.so"))
+    t0 = time.perf_counter()
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name=f"shrink_kernels_{key}", sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
+             extra_ldflags=LDFLAGS, build_directory=str(folder), is_python_module=False, verbose=verbose)
+    except Exception as e:  # compiler missing, compile error, ABI mismatch
+        raise KernelBuildError(
+            f"Building the shrink kernels from {[s.name for s in SOURCES]} in {folder} failed: {e}\n"
+            "They need a C++17 compiler (g++ or clang++) and ninja; run `python -m shrinklib.kernels` "
+            "to see the full compiler output."
+        ) from e
+    return {"key": key, "folder": str(folder), "cached": cached, "seconds": time.perf_counter() - t0}
+
+
+BUILD = build()
+_ops = torch.ops.shrink
+
+
+def simd_path() -> str:
+    """The SIMD path the kernels use now: 'avx512-vnni', 'avx2' or 'scalar'."""
+    return SIMD_NAMES[_ops.simd_level()]
+
+
+def simd_paths() -> list[str]:
+    """Every path this CPU can run, best first."""
+    return [SIMD_NAMES[i] for i in range(_ops.simd_max_level(), -1, -1)]
+
+
+@contextlib.contextmanager
+def use_simd(path: str):
+    """Force a SIMD path (e.g. 'scalar') inside a `with` block."""
+    names = {v: k for k, v in SIMD_NAMES.items()}
+    if path not in names or path not in simd_paths():
+        raise ValueError(f"SIMD path {path!r} is not available here; choose from {simd_paths()}")
+    old = _ops.simd_level()
+    _ops.set_simd_level(names[path])
+    try:
+        yield
+    finally:
+        _ops.set_simd_level(old)
+
+
+def _check_x(x: Tensor, in_features: int, like: Tensor) -> Tensor:
+    """x (..., in) float32 on the weight's device -> (M, in) contiguous."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"x must be float32, got {x.dtype}")
+    if x.device != like.device or x.device.type != "cpu":
+        raise ValueError(f"the kernels run on the CPU: x is on {x.device}, the weight on {like.device}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., {in_features}), got {tuple(x.shape)}")
+    return x.reshape(-1, in_features).contiguous()
+
+
+def int_matmul(x: Tensor, w: PackedInt) -> Tensor:
+    """y = x Wᵀ for a packed integer or codebook weight (dequantize-in-registers GEMV/GEMM).
+
+    Args:
+        x: (..., in) float32.
+        w: from `pack_int` or `pack_codebook`.
+    """
+    x2 = _check_x(x, w.in_features, w.packed)
+    y = _ops.qmatmul(x2, w.packed, w.scales, w.szeros, w.codebook, w.bits, w.group_size)
+    return y.reshape(*x.shape[:-1], w.out_features)
+
+
+def dequantize(w: PackedInt) -> Tensor:
+    """The float32 (out, in) weight of a packed integer or codebook weight."""
+    return _ops.qdequant(w.packed, w.scales, w.szeros, w.codebook, w.bits, w.group_size, w.in_features)
+
+
+def lut_gemv(x: Tensor, w: PackedLUT) -> Tensor:
+    """y = x Wᵀ by T-MAC table lookups (activation tables quantized to int8 per 64 inputs).
+
+    Args:
+        x: (..., in) float32; each row is a separate GEMV.
+        w: from `pack_lut`.
+    """
+    x2 = _check_x(x, w.in_features, w.packed)
+    y = _ops.lut_gemv(x2, w.packed, w.scales, w.szeros, w.bits, w.group_size, w.out_features)
+    return y.reshape(*x.shape[:-1], w.out_features)
+
+
+def int8_gemm(xq: Tensor, wq: Tensor) -> Tensor:
+    """Exact int32 C = xq wqᵀ of int8 (M, K) and int8 (N, K)."""
+    for name, t in (("xq", xq), ("wq", wq)):
+        if not isinstance(t, Tensor) or t.dtype != torch.int8:
+            raise TypeError(f"{name} must be an int8 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.dim() != 2 or t.device.type != "cpu":
+            raise ValueError(f"{name} must be 2-D on the CPU, got shape {tuple(t.shape)} on {t.device}")
+    if xq.shape[1] != wq.shape[1]:
+        raise ValueError(f"xq {tuple(xq.shape)} and wq {tuple(wq.shape)} disagree on K")
+    return _ops.int8_gemm(xq.contiguous(), wq.contiguous())
+
+
+def w8a8_linear(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """SmoothQuant-style W8A8: per-token int8 activations, per-channel int8 weights, int32 GEMM."""
+    x2 = _check_x(x, wq.shape[1], wq)
+    xq, x_scale = quantize_int8_rows(x2)
+    y = int8_gemm(xq, wq).float() * x_scale[:, None] * w_scale[None, :]
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], wq.shape[0])
+
+
+def sparse24_matmul(x: Tensor, w: Packed24) -> Tensor:
+    """y = x Wᵀ for a 2:4 sparse weight stored as values plus 2-bit positions."""
+    x2 = _check_x(x, w.in_features, w.values)
+    return _ops.sparse24_matmul(x2, w.values, w.index).reshape(*x.shape[:-1], w.out_features)

@@ -1,0 +1,126 @@
+"""Merging tensor by tensor: each tensor is read from every input's safetensors file
+(`safetensors.safe_open`), merged, and written to an output shard, so memory holds one
+output shard plus one tensor per input, never two whole models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..io import atomic_path, atomic_write_text
+from ..units import GiB
+from .config import MergeConfig
+from .registry import merge_tensor
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def merge_state_dicts(method: str, state_dicts: list[dict[str, Tensor]], weights: list[float] | None = None,
+                      densities: list[float] | None = None, base: dict[str, Tensor] | None = None,
+                      params: dict | None = None) -> dict[str, Tensor]:
+    """Merge in-memory state dicts with a registered method, tensor by tensor.
+
+    Args:
+        method: a key of `METHODS` ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp").
+        state_dicts: the models merged into the base (not the base itself).
+        weights, densities: one per model (default 1.0 each).
+        base: the base model's state dict, for methods that need one.
+        params: method parameters (normalize, lambda, t, seed).
+    """
+    n = len(state_dicts)
+    weights = [1.0] * n if weights is None else list(weights)
+    densities = [1.0] * n if densities is None else list(densities)
+    out = {}
+    for name, ref in (base or state_dicts[0]).items():
+        if not ref.is_floating_point():
+            out[name] = ref.clone()
+            continue
+        tensors = [sd[name] for sd in state_dicts]
+        out[name] = merge_tensor(method, tensors, weights, densities, None if base is None else base[name],
+                                 params or {}, name)
+    return out
+
+
+def safetensors_files(source: str | Path) -> dict[str, Path]:
+    """{tensor name: file} of a safetensors file or of a folder (single or sharded)."""
+    p = Path(source)
+    if p.is_file():
+        with safe_open(p, "pt") as f:
+            return {k: p for k in f.keys()}
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: p / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No safetensors weights in {p} (looked for model.safetensors and its index)")
+    out = {}
+    for f in files:
+        with safe_open(f, "pt") as h:
+            out.update({k: f for k in h.keys()})
+    return out
+
+
+class _Reader:
+    """Reads single tensors from one model's files, opening each file once."""
+
+    def __init__(self, source: str | Path):
+        self.where = safetensors_files(source)
+        self.handles = {}
+
+    def get(self, name: str) -> Tensor:
+        f = self.where[name]
+        if f not in self.handles:
+            self.handles[f] = safe_open(f, "pt")
+        return self.handles[f].get_tensor(name)
+
+
+def merge_files(config: MergeConfig, out_dir: str | Path, max_shard_bytes: int = 2 * GiB, progress: bool = True) -> Path:
+    """Run a merge config on safetensors checkpoints, one tensor at a time; writes the merged
+    weights (sharded above `max_shard_bytes`) and the reference model's config.json to `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ref_source = config.base_model or config.inputs()[0].model
+    base = _Reader(config.base_model) if config.base_model else None
+    readers = [_Reader(m.model) for m in config.inputs()]
+    ref = base or readers[0]
+    dtype = DTYPES.get(config.dtype) if config.dtype else None
+    shards, shard, size = [], {}, 0
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            with atomic_path(out_dir / name) as tmp:
+                save_file(shard, str(tmp), metadata={"format": "pt"})
+            shards.append((name, list(shard)))
+            shard, size = {}, 0
+
+    for name in tqdm(sorted(ref.where), desc="merge", disable=not progress):
+        r = ref.get(name)
+        if r.is_floating_point():
+            t = merge_tensor(config.merge_method, [rd.get(name) for rd in readers], config.weights(), config.densities(),
+                             base.get(name) if base else None, config.parameters, name)
+            t = t.to(dtype) if dtype else t
+        else:
+            t = r
+        shard[name] = t.contiguous()
+        size += t.numel() * t.element_size()
+        if size >= max_shard_bytes:
+            flush()
+    flush()
+    if len(shards) == 1:
+        (out_dir / shards[0][0]).replace(out_dir / "model.safetensors")
+    else:
+        weight_map = {k: f for f, keys in shards for k in keys}
+        atomic_write_text(out_dir / "model.safetensors.index.json", json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    ref_dir = Path(ref_source)
+    if ref_dir.is_dir() and (ref_dir / "config.json").is_file():
+        shutil.copyfile(ref_dir / "config.json", out_dir / "config.json")
+    return out_dir

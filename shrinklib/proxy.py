@@ -1,0 +1,131 @@
+"""Proxy tuning (Liu et al. 2024, "Tuning Language Models by Proxy", https://arxiv.org/abs/2401.08565):
+steer a large model at decoding time with the difference a small model learned in tuning,
+
+    logits = logits_large + alpha · (logits_small_tuned − logits_small_untuned),
+
+without touching the large model's weights. The three models must share a tokenizer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+
+from .tasks import Example, exact_match, format_prompt
+
+
+class TokenizerMismatchError(ValueError):
+    """The models of a proxy-tuning triple do not share one tokenizer."""
+
+
+def check_same_tokenizer(*tokenizers) -> None:
+    """Raise TokenizerMismatchError unless every tokenizer maps the same strings to the same ids."""
+    ref = tokenizers[0].get_vocab()
+    for i, tok in enumerate(tokenizers[1:], start=1):
+        vocab = tok.get_vocab()
+        if vocab == ref:
+            continue
+        diff = sorted(set(vocab.items()) ^ set(ref.items()), key=lambda kv: kv[1])[:3]
+        raise TokenizerMismatchError(
+            f"Proxy tuning adds logits token by token, so all models must share one tokenizer: "
+            f"tokenizer {i} ({getattr(tok, 'name_or_path', '?')}, {len(vocab)} tokens) differs from "
+            f"tokenizer 0 ({getattr(tokenizers[0], 'name_or_path', '?')}, {len(ref)} tokens), "
+            f"e.g. {diff}. Use a small pair from the large model's family (same vocabulary)."
+        )
+
+
+def proxy_logits(large: Tensor, tuned: Tensor, untuned: Tensor, alpha: float = 1.0) -> Tensor:
+    """logits_large + alpha · (logits_tuned − logits_untuned), over the shared vocabulary.
+
+    Args:
+        large, tuned, untuned: (..., V) next-token logits (a longer, padded vocabulary is cut).
+    """
+    V = min(large.shape[-1], tuned.shape[-1], untuned.shape[-1])
+    out = large.clone()
+    out[..., :V] += alpha * (tuned[..., :V].float() - untuned[..., :V].float()).to(large.dtype)
+    return out
+
+
+class _Follower:
+    """Runs a model on the same sequences as `generate`, feeding only the new tokens (KV cache)."""
+
+    def __init__(self, model: nn.Module, pad_token_id: int | None):
+        self.model, self.pad = model, pad_token_id
+        self.cache, self.seen = None, None
+
+    @torch.no_grad()
+    def logits(self, input_ids: Tensor) -> Tensor:
+        """Next-token logits (b, V) for each row of input_ids (left padding allowed)."""
+        b, n = input_ids.shape
+        fresh = self.seen is None or self.seen.shape[0] != b or self.seen.shape[1] >= n or not torch.equal(input_ids[:, : self.seen.shape[1]], self.seen)
+        if fresh:
+            self.cache, start = DynamicCache(), 0
+        else:
+            start = self.seen.shape[1]
+        mask = torch.ones_like(input_ids)
+        if self.pad is not None:  # left padding: the pads before each row's first real token
+            mask = ((input_ids != self.pad).long().cumsum(-1) > 0).long()
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)  # (b, n) position ids that skip the padding
+        out = self.model(input_ids=input_ids[:, start:], attention_mask=mask, position_ids=pos[:, start:],
+                         past_key_values=self.cache, use_cache=True)
+        self.seen = input_ids
+        return out.logits[:, -1]
+
+
+class ProxyTuningLogitsProcessor(LogitsProcessor):
+    """A logits processor for the large model's `generate`: adds alpha · (tuned − untuned)
+    next-token logits of a small model pair (Liu et al. 2024, Eq. 1).
+
+    Args:
+        tuned, untuned: the small model after and before tuning (the "expert" and "anti-expert").
+        tokenizers: optional tokenizers of (large, tuned, untuned), checked to be identical.
+        pad_token_id: the padding id of left-padded batches (None: no padding).
+    """
+
+    def __init__(self, tuned: nn.Module, untuned: nn.Module, alpha: float = 1.0, tokenizers=None,
+                 pad_token_id: int | None = None):
+        if tokenizers is not None:
+            check_same_tokenizer(*tokenizers)
+        self.tuned, self.untuned = _Follower(tuned, pad_token_id), _Follower(untuned, pad_token_id)
+        self.alpha = alpha
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        return proxy_logits(scores, self.tuned.logits(input_ids), self.untuned.logits(input_ids), self.alpha)
+
+
+@torch.no_grad()
+def proxy_generate_answers(large: nn.Module, tokenizer, examples: list[Example], tuned: nn.Module | None = None,
+                           untuned: nn.Module | None = None, alpha: float = 1.0, max_new_tokens: int = 12,
+                           batch_size: int = 16) -> list[str]:
+    """Greedy answers of the large model, proxy-tuned by (tuned, untuned) when both are given
+    (the same protocol as `shrinklib.tasks.generate_answers`: chat prompt, left padding)."""
+    device = next(large.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    outs = []
+    try:
+        for i in range(0, len(examples), batch_size):
+            prompts = [format_prompt(tokenizer, e.question) for e in examples[i : i + batch_size]]
+            x = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            procs = LogitsProcessorList()
+            if tuned is not None and untuned is not None:
+                procs.append(ProxyTuningLogitsProcessor(tuned, untuned, alpha, pad_token_id=tokenizer.pad_token_id))
+            y = large.generate(**x, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=procs,
+                               pad_token_id=tokenizer.pad_token_id)
+            outs += tokenizer.batch_decode(y[:, x.input_ids.shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return outs
+
+
+def proxy_task_accuracy(large, tokenizer, examples, tuned=None, untuned=None, alpha: float = 1.0, **kw) -> float:
+    """Exact-match accuracy of the (proxy-tuned) large model on the examples."""
+    return exact_match(proxy_generate_answers(large, tokenizer, examples, tuned, untuned, alpha, **kw), examples)
+
+
+def gap_closed(untuned: float, proxy: float, tuned: float) -> float:
+    """Fraction of the gap between the untuned and the directly tuned large model that proxy
+    tuning closes: (proxy − untuned) / (tuned − untuned)."""
+    if tuned == untuned:
+        return float("nan")
+    return (proxy - untuned) / (tuned - untuned)

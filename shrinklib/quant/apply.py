@@ -1,0 +1,141 @@
+"""Model-level quantization: walk the decoder blocks (shrinklib.arch), calibrate layer by layer
+(shrinklib.calib), and replace each linear by its quantized version in place.
+
+The token embedding, the final norm and the LM head stay in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..arch import blocks, get_path, layout, linears, set_module
+from ..calib import collect_input_stats, record_inputs, sequential
+from .awq import awq_search_clip, awq_search_scale
+from .config import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
+from .folding import fold_scale_, foldable, role_groups
+from .formats import dequantize_codes, int_params, quantize, quantize_codes, resolve_group_size
+from .gptq import gptq_quantize
+from .qlinear import QuantLinear
+from .smoothquant import W8A8Linear, smooth_scales
+
+
+def _install(block: nn.Module, path: str, q: Tensor, scales: Tensor, zeros: Tensor, bits: int, g: int, pack: bool) -> None:
+    """Replace the linear at `path` with a QuantLinear (pack) or write the dequantized weight into it."""
+    lin = get_path(block, path)
+    if pack:
+        new = QuantLinear.from_codes(q, scales, zeros, bits, g, lin.bias.detach() if lin.bias is not None else None)
+        set_module(block, path, new)  # scales and zeros stay float32 (the kernels' layout)
+    else:
+        lin.weight.data.copy_(dequantize_codes(q, scales, zeros, g).to(lin.weight.dtype))
+
+
+@torch.no_grad()
+def rtn_(model: nn.Module, config: RTNConfig, pack: bool = True, progress: bool = True) -> None:
+    """Round every block linear to nearest (table formats are written back as float weights)."""
+    pack = pack and config.fmt == "int" and config.group_size != "tensor"
+    for block in blocks(model):
+        for path, lin in linears(block).items():
+            qt = quantize(lin.weight.float(), config.fmt, config.bits, config.group_size, config.symmetric)
+            if pack:
+                _install(block, path, qt.q, qt.scales, qt.zeros, config.bits, qt.group_size, True)
+            else:
+                lin.weight.data.copy_(qt.dequantize().to(lin.weight.dtype))
+
+
+@torch.no_grad()
+def gptq_(model: nn.Module, calib_ids: Tensor, config: GPTQConfig, pack: bool = True, device=None,
+          progress: bool = True) -> None:
+    """GPTQ every block linear, block by block on the outputs of the already-quantized blocks."""
+
+    def step(s):
+        stats = collect_input_stats(s.block, s.forward, hessian=True)
+        for path, lin in linears(s.block).items():
+            g = resolve_group_size(config.group_size, lin.in_features)
+            q, sc, z = gptq_quantize(lin.weight, stats[path].hessian, config.bits, g, config.symmetric,
+                                     config.damp, config.block_size, config.act_order)
+            _install(s.block, path, q, sc, z, config.bits, g, pack)
+
+    sequential(model, calib_ids, step, device=device, desc="GPTQ", progress=progress)
+
+
+@torch.no_grad()
+def awq_(model: nn.Module, calib_ids: Tensor, config: AWQConfig, pack: bool = True, device=None,
+         progress: bool = True) -> dict:
+    """AWQ: search and fold per-channel scales for each group of linears sharing an input, search
+    clipping, then round to nearest. Returns the chosen α per block and role."""
+    prev_of, roles = foldable(model), layout(model).roles()
+    alphas: dict = {}
+
+    def step(s):
+        groups = role_groups(roles, s.block)
+        covered = {p for grp in groups.values() for p in grp}
+        for path, lin in linears(s.block).items():  # linears without a known role (e.g. fused qkv): plain RTN
+            if path not in covered:
+                W = lin.weight.float()
+                gl = resolve_group_size(config.group_size, W.shape[1])
+                sc, z = int_params(W, config.bits, gl, config.symmetric)
+                _install(s.block, path, quantize_codes(W, sc, z, config.bits, gl), sc, z, config.bits, gl, pack)
+        firsts = {role: next(iter(g.values())) for role, g in groups.items()}
+        inputs: dict[str, list[Tensor]] = {role: [] for role in groups}
+        with record_inputs(firsts, lambda role, x: inputs[role].append(x.reshape(-1, x.shape[-1]))):
+            s.forward()
+        gen = torch.Generator().manual_seed(s.index)
+        X = {}
+        for role, xs in inputs.items():
+            x = torch.cat(xs).float()  # (tokens, in)
+            idx = torch.randperm(x.shape[0], generator=gen)[: config.max_tokens].to(x.device)
+            X[role] = x[idx]
+        for role, group in groups.items():
+            if role in prev_of:
+                g = resolve_group_size(config.group_size, X[role].shape[1])
+                ws = [lin.weight.float() for lin in group.values()]
+                sc, alpha = awq_search_scale(ws, X[role], X[role].abs().mean(0), config.bits, g, config.symmetric, config.n_grid)
+                fold_scale_(get_path(s.block, prev_of[role]), list(group.values()), sc)
+                X[role] = X[role] / sc
+                alphas[f"{s.index}.{role}"] = alpha
+        for role, group in groups.items():
+            for path, lin in group.items():
+                W = lin.weight.float()
+                g = resolve_group_size(config.group_size, W.shape[1])
+                clip = 1.0
+                if config.clip and not path.endswith(("q_proj", "k_proj")):  # AWQ leaves q/k unclipped
+                    clip = awq_search_clip(W, X[role], config.bits, g, config.symmetric)
+                sc, z = int_params(W, config.bits, g, config.symmetric, clip)
+                _install(s.block, path, quantize_codes(W, sc, z, config.bits, g), sc, z, config.bits, g, pack)
+
+    sequential(model, calib_ids, step, device=device, desc="AWQ", progress=progress)
+    return alphas
+
+
+@torch.no_grad()
+def smoothquant_(model: nn.Module, calib_ids: Tensor | None, config: SmoothQuantConfig, device=None,
+                 progress: bool = True) -> None:
+    """Smooth (if config.smooth) then replace every block linear with a simulated W8A8 linear."""
+    if config.smooth:
+        if calib_ids is None:
+            raise ValueError("SmoothQuant needs calibration ids to measure activation ranges")
+        prev_of, roles = foldable(model), layout(model).roles()
+
+        def step(s):
+            stats = collect_input_stats(s.block, s.forward, hessian=False)
+            for role, group in role_groups(roles, s.block).items():
+                if role in prev_of and role != "mlp_out":  # the paper smooths the inputs after a norm
+                    act_max = stats[next(iter(group))].abs_max
+                    sc = smooth_scales(act_max, [lin.weight.float() for lin in group.values()], config.alpha)
+                    fold_scale_(get_path(s.block, prev_of[role]), list(group.values()), sc)
+
+        sequential(model, calib_ids, step, device=device, desc="SmoothQuant", progress=progress)
+    for block in blocks(model):
+        for path, lin in linears(block).items():
+            set_module(block, path, W8A8Linear(lin, config.w_bits, config.a_bits, config.act_granularity))
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    """Every QuantLinear of a model by its full module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise the adapter's clear error if the model's layout is unknown."""
+    layout(model)

@@ -1,0 +1,89 @@
+"""Typed configurations of the quantization methods, validated when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .formats import TABLES
+
+
+def _check_weight_grid(name: str, bits: int, group_size, fmt: str = "int") -> None:
+    if fmt != "int" and fmt not in TABLES:
+        raise ValueError(f"{name}: unknown fmt {fmt!r}; use 'int' or one of {sorted(TABLES)}")
+    if fmt == "int" and not (isinstance(bits, int) and 2 <= bits <= 8):
+        raise ValueError(f"{name}: bits must be an int in 2..8, got {bits!r}")
+    if not (group_size is None or group_size == "tensor" or (isinstance(group_size, int) and group_size > 0)):
+        raise ValueError(f"{name}: group_size must be a positive int, None (per channel) or 'tensor', got {group_size!r}")
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    """Round to nearest, weight only."""
+
+    bits: int = 4
+    group_size: int | str | None = 64  # columns per group; None: per channel; "tensor": per tensor
+    symmetric: bool = False
+    fmt: str = "int"  # "int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2"
+
+    def __post_init__(self):
+        _check_weight_grid("RTNConfig", self.bits, self.group_size, self.fmt)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ, weight only (Frantar et al. 2023)."""
+
+    bits: int = 4
+    group_size: int | None = 64
+    symmetric: bool = False
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    block_size: int = 128  # lazy batch size B
+    act_order: bool = False
+
+    def __post_init__(self):
+        _check_weight_grid("GPTQConfig", self.bits, self.group_size)
+        if self.group_size == "tensor":
+            raise ValueError("GPTQConfig: per-tensor grids are not supported; use an int group_size or None")
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"GPTQConfig: damp must be in [0, 1), got {self.damp}")
+        if self.block_size <= 0:
+            raise ValueError(f"GPTQConfig: block_size must be positive, got {self.block_size}")
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """AWQ, weight only (Lin et al. 2024)."""
+
+    bits: int = 4
+    group_size: int | None = 64
+    symmetric: bool = False
+    n_grid: int = 20  # α ∈ {0, 1/n_grid, ..., (n_grid-1)/n_grid}
+    clip: bool = True  # search a clipping ratio per group
+    max_tokens: int = 512  # calibration tokens used by the searches
+
+    def __post_init__(self):
+        _check_weight_grid("AWQConfig", self.bits, self.group_size)
+        if self.group_size == "tensor":
+            raise ValueError("AWQConfig: per-tensor grids are not supported; use an int group_size or None")
+        if self.n_grid < 1 or self.max_tokens < 1:
+            raise ValueError(f"AWQConfig: n_grid and max_tokens must be ≥ 1, got {self.n_grid}, {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig:
+    """W8A8 with (smooth=True) or without (naive) SmoothQuant's migration (Xiao et al. 2023)."""
+
+    alpha: float = 0.5  # migration strength
+    smooth: bool = True
+    w_bits: int = 8
+    a_bits: int = 8
+    act_granularity: str = "per_token"  # dynamic activation scales: "per_token" or "per_tensor"
+
+    def __post_init__(self):
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"SmoothQuantConfig: alpha must be in [0, 1], got {self.alpha}")
+        for name in ("w_bits", "a_bits"):
+            if not 2 <= getattr(self, name) <= 8:
+                raise ValueError(f"SmoothQuantConfig: {name} must be in 2..8, got {getattr(self, name)}")
+        if self.act_granularity not in ("per_token", "per_tensor"):
+            raise ValueError(f"SmoothQuantConfig: act_granularity must be 'per_token' or 'per_tensor', got {self.act_granularity!r}")

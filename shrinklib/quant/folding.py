@@ -1,0 +1,58 @@
+"""Folding a per-input-channel scale into the operation before a group of linears.
+
+AWQ and SmoothQuant multiply a linear's weight columns by s and divide its input by s; the
+division is folded into what produces the input (a norm's weight and bias, or the rows of a
+preceding linear), so the float model computes the same function.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..arch import get_path, layout
+
+# model_type -> role -> path (inside the block) of the operation producing that role's input.
+# attn_out (o_proj) is left out: with grouped-query attention its input channels do not map
+# one-to-one onto v_proj's output rows.
+LLAMA_PREV = {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm", "mlp_out": "mlp.up_proj"}
+OPT_PREV = {"attn_in": "self_attn_layer_norm", "mlp_in": "final_layer_norm", "mlp_out": "fc1"}
+PREV = {"opt": OPT_PREV}
+
+
+def role_groups(roles: dict[str, str], block: nn.Module) -> dict[str, dict[str, nn.Linear]]:
+    """The linears of a block grouped by role (linears in one group share their input).
+
+    Args:
+        roles: path -> role, from `shrinklib.arch.layout(model).roles()`.
+    """
+    groups: dict[str, dict[str, nn.Linear]] = {}
+    for path, role in roles.items():
+        try:
+            groups.setdefault(role, {})[path] = get_path(block, path)
+        except AttributeError:
+            continue
+    return groups
+
+
+def foldable(model: nn.Module) -> dict[str, str]:
+    """Role -> path of the preceding operation, for the roles whose input scale can be folded."""
+    lay = layout(model)
+    if lay.model_type == "opt" and not getattr(model.config, "do_layer_norm_before", True):
+        raise ValueError("OPT with post-layer-norm (do_layer_norm_before=False, e.g. OPT-350M) has no norm "
+                         "before its linears to fold a scale into")
+    return PREV.get(lay.model_type, LLAMA_PREV)
+
+
+@torch.no_grad()
+def fold_scale_(prev: nn.Module, linears: list[nn.Linear], s: Tensor) -> None:
+    """Divide prev's output channel j by s[j] and multiply the linears' input column j by s[j]."""
+    s = s.to(next(prev.parameters()).device)
+    if isinstance(prev, nn.Linear):
+        prev.weight.div_(s[:, None])  # (out, in): rows
+    else:
+        prev.weight.div_(s)
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.div_(s)
+    for lin in linears:
+        lin.weight.mul_(s[None, :])  # (out, in): columns

@@ -1,0 +1,207 @@
+"""Number formats simulated in float32, and round-to-nearest (RTN) quantization.
+
+Integer grids (2-8 bits) follow the one layout shared with the kernels:
+
+    q       uint8 (out, in), codes in [0, 2^bits - 1]
+    scales  float32 (out, n_groups), n_groups = ceil(in / group_size)
+    zeros   float32 (out, n_groups)
+    W[o, i] = scales[o, i // g] * (q[o, i] - zeros[o, i // g])
+
+Asymmetric (zero-point) grids use min-max scales, s = (max - min) / (2^b - 1), and a float
+zero z = -min / s (as llama.cpp's Q4_1 stores d and m), so a group's min and max are exact.
+Symmetric (absmax) grids use s = max|w| / (2^(b-1) - 1) and z = 2^(b-1): the codes are
+1 .. 2^b - 1, zero is exact, code 0 is unused. Any group size works: when it does not
+divide the row, the last group is shorter (e.g. 576 columns at g128: 4 groups of 128 and
+one of 64). `group_size=None` is per-channel (one group per row), "tensor" is per-tensor.
+
+Non-uniform formats (NF4, FP4 e2m1, FP8 e4m3/e5m2) are value tables: a group is scaled by
+absmax / max(table) and each weight rounds to the nearest table value (codes index the
+sorted table).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+GroupSize = int | str | None  # int > 0, None (per channel) or "tensor"
+
+
+def _fp_values(exp_bits: int, man_bits: int, bias: int, max_value: float | None = None) -> Tensor:
+    """Every finite value of a small float format (sign, exponent, mantissa; subnormals included)."""
+    vals = set()
+    for e in range(2**exp_bits):
+        for m in range(2**man_bits):
+            if e == 0:
+                v = (m / 2**man_bits) * 2.0 ** (1 - bias)
+            else:
+                v = (1 + m / 2**man_bits) * 2.0 ** (e - bias)
+            if max_value is None or v <= max_value:
+                vals.update({v, -v})
+    return torch.tensor(sorted(vals), dtype=torch.float32)
+
+
+# NF4: the 16 values of QLoRA (Dettmers et al. 2023, Appendix E), quantiles of N(0, 1) normalised to [-1, 1].
+NF4_VALUES = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+])
+FP4_E2M1_VALUES = _fp_values(2, 1, bias=1)  # ±{0, 0.5, 1, 1.5, 2, 3, 4, 6} (OCP MX spec)
+FP8_E4M3_VALUES = _fp_values(4, 3, bias=7, max_value=448.0)  # OCP FP8 E4M3 (no inf; max 448)
+FP8_E5M2_VALUES = _fp_values(5, 2, bias=15, max_value=57344.0)  # IEEE-like E5M2 (max 57344)
+TABLES = {"nf4": NF4_VALUES, "fp4": FP4_E2M1_VALUES, "fp8_e4m3": FP8_E4M3_VALUES, "fp8_e5m2": FP8_E5M2_VALUES}
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """A quantized weight: codes, per-group scales and zeros, and how to read them back."""
+
+    q: Tensor  # uint8 (out, in)
+    scales: Tensor  # float32 (out, n_groups)
+    zeros: Tensor  # float32 (out, n_groups); unused by table formats
+    group_size: int  # columns per group (the last group may be shorter)
+    fmt: str  # "int" or a key of TABLES
+    bits: int
+
+    def dequantize(self) -> Tensor:
+        return dequantize(self)
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    """Number of groups of a row: ceil(in / g)."""
+    return math.ceil(in_features / group_size)
+
+
+def resolve_group_size(group_size: GroupSize, in_features: int) -> int:
+    """The group length in columns: None means the whole row; "tensor" is handled by the caller."""
+    if group_size is None or group_size == "tensor":
+        return in_features
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive int, None (per channel) or 'tensor', got {group_size!r}")
+    return min(group_size, in_features)
+
+
+def expand_groups(t: Tensor, group_size: int, in_features: int) -> Tensor:
+    """(out, n_groups) per-group values → (out, in) per-column values."""
+    return t.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def grouped(W: Tensor, group_size: int) -> Tensor:
+    """(out, in) → (out, n_groups, g); a short last group is padded by repeating its last column
+    (so per-group min, max and absmax are unchanged)."""
+    out, d = W.shape
+    pad = n_groups(d, group_size) * group_size - d
+    if pad:
+        W = torch.cat([W, W[:, -1:].expand(out, pad)], dim=1)
+    return W.reshape(out, -1, group_size)
+
+
+def int_params(W: Tensor, bits: int, group_size: int, symmetric: bool, clip: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
+    """Scales and zeros (out, n_groups) of an integer grid fitted to each group of W (out, in).
+
+    Args:
+        clip: shrink each group's range by this ratio (AWQ's clipping); float or (out, n_groups).
+    """
+    Wg = grouped(W.float(), group_size)  # (out, G, g)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        amax = Wg.abs().amax(-1) * clip  # (out, G)
+        scales = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        zeros = torch.full_like(scales, 2.0 ** (bits - 1))
+    else:
+        wmin, wmax = Wg.amin(-1) * clip, Wg.amax(-1) * clip  # (out, G)
+        rng = wmax - wmin
+        scales = torch.where(rng > 0, rng / (2**bits - 1), torch.ones_like(rng))
+        zeros = -wmin / scales
+    return scales, zeros
+
+
+def quantize_codes(W: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> Tensor:
+    """Integer codes q = clamp(round(W / s + z), 0, 2^b - 1), uint8 (out, in)."""
+    s, z = expand_groups(scales, group_size, W.shape[1]), expand_groups(zeros, group_size, W.shape[1])
+    return torch.clamp(torch.round(W.float() / s + z), 0, 2**bits - 1).to(torch.uint8)
+
+
+def dequantize_codes(q: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    """W = s * (q - z), float32 (out, in): the formula every kernel implements."""
+    s, z = expand_groups(scales, group_size, q.shape[1]), expand_groups(zeros, group_size, q.shape[1])
+    return s * (q.float() - z)
+
+
+def nearest(x: Tensor, values: Tensor) -> Tensor:
+    """Index of the nearest entry of a sorted 1-D table for every element of x."""
+    mids = (values[1:] + values[:-1]) / 2
+    return torch.bucketize(x.contiguous(), mids.to(x.device))
+
+
+def quantize(W: Tensor, fmt: str = "int", bits: int = 4, group_size: GroupSize = None, symmetric: bool = False,
+             clip: float | Tensor = 1.0) -> QTensor:
+    """Quantize a weight matrix W (out, in) by rounding to nearest.
+
+    Args:
+        fmt: "int" (integer grid of `bits`) or "nf4", "fp4", "fp8_e4m3", "fp8_e5m2".
+        bits: 2..8 for "int" (ignored otherwise).
+        group_size: columns per group, None (per channel) or "tensor" (one scale for all).
+        symmetric: absmax grid (True) or min-max zero-point grid (False); "int" only.
+        clip: range shrink ratio per group (1.0: none).
+    """
+    if W.dim() != 2:
+        raise ValueError(f"expected a 2-D weight (out, in), got shape {tuple(W.shape)}")
+    per_tensor = group_size == "tensor"
+    work = W.reshape(1, -1) if per_tensor else W  # per-tensor = one group over everything
+    g = resolve_group_size(group_size, work.shape[1])
+    if fmt == "int":
+        if not 2 <= bits <= 8:
+            raise ValueError(f"integer grids have 2..8 bits, got {bits}")
+        scales, zeros = int_params(work, bits, g, symmetric, clip)
+        q = quantize_codes(work, scales, zeros, bits, g)
+    elif fmt in TABLES:
+        values = TABLES[fmt].to(W.device)
+        amax = grouped(work.float().abs(), g).amax(-1) * clip  # (out, G)
+        scales = torch.where(amax > 0, amax / values.abs().max(), torch.ones_like(amax))
+        zeros = torch.zeros_like(scales)
+        q = nearest(work.float() / expand_groups(scales, g, work.shape[1]), values).to(torch.uint8)
+        bits = math.ceil(math.log2(len(values)))
+    else:
+        raise ValueError(f"unknown format {fmt!r}; use 'int' or one of {sorted(TABLES)}")
+    if per_tensor:
+        q = q.reshape(W.shape)
+    return QTensor(q, scales, zeros, g, fmt, bits)
+
+
+def dequantize(qt: QTensor) -> Tensor:
+    """The float32 weight a QTensor stands for."""
+    if qt.fmt == "int":
+        q = qt.q if qt.scales.shape[0] == qt.q.shape[0] else qt.q.reshape(1, -1)
+        return dequantize_codes(q, qt.scales, qt.zeros, qt.group_size).reshape(qt.q.shape)
+    values = TABLES[qt.fmt].to(qt.q.device)
+    q = qt.q if qt.scales.shape[0] == qt.q.shape[0] else qt.q.reshape(1, -1)
+    return (values[q.long()] * expand_groups(qt.scales, qt.group_size, q.shape[1])).reshape(qt.q.shape)
+
+
+def quantize_rtn(W: Tensor, bits: int = 4, group_size: GroupSize = None, symmetric: bool = False, fmt: str = "int") -> Tensor:
+    """Round-to-nearest fake quantization: the float32 weight after quantize then dequantize."""
+    return dequantize(quantize(W, fmt, bits, group_size, symmetric))
+
+
+def quantize_weight(W: Tensor, bits: int = 4, group_size: int | None = 64, symmetric: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """RTN (q, scales, zeros) of a weight in the kernels' layout (see the module docstring)."""
+    qt = quantize(W, "int", bits, group_size, symmetric)
+    return qt.q, qt.scales, qt.zeros
+
+
+def quantize_activations_per_token(x: Tensor, bits: int = 8) -> Tensor:
+    """Dynamic symmetric per-token fake quantization of activations x (..., d)."""
+    qmax = 2 ** (bits - 1) - 1
+    s = x.abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax  # (..., 1)
+    return torch.clamp(torch.round(x / s), -qmax, qmax) * s
+
+
+def error(W: Tensor, Wq: Tensor) -> float:
+    """Relative Frobenius error ‖W - Wq‖ / ‖W‖."""
+    return ((W - Wq).norm() / W.norm().clamp_min(1e-12)).item()

@@ -1,0 +1,131 @@
+"""GPTQ: identity Hessian = RTN; lower reconstruction error than RTN on every layer; any decoder."""
+
+import pytest
+import torch
+from torch import nn
+
+from shrinklib.arch import UnsupportedArchitectureError, linears
+from shrinklib.calib import collect_input_stats, sequential
+from shrinklib.quant import GPTQConfig, QuantLinear, gptq_quantize, quantize_, quantize_rtn
+from shrinklib.quant.formats import dequantize_codes, resolve_group_size
+
+from common import make_picollama, make_picoopt, random_ids
+
+
+@pytest.mark.parametrize("group_size", [None, 16, 24])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_identity_hessian_equals_rtn(group_size, symmetric):
+    W = torch.randn(10, 56)  # 56 = 3×16 + 8, 2×24 + 8: short last groups
+    q, s, z = gptq_quantize(W, torch.eye(56), bits=3, group_size=group_size, symmetric=symmetric, block_size=16)
+    assert torch.equal(dequantize_codes(q, s, z, group_size or 56), quantize_rtn(W, 3, group_size, symmetric))
+
+
+def _correlated_inputs(n=512, d=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g) + 0.1 * torch.randn(d, generator=g)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [None, 16, 20])
+def test_gptq_beats_rtn_on_layer_output_error(act_order, group_size):
+    X = _correlated_inputs()
+    W = torch.randn(24, 48)
+    H = 2 * X.T @ X / X.shape[0]
+    q, s, z = gptq_quantize(W, H, 3, group_size, act_order=act_order, block_size=8)
+    assert q.max() <= 7 and s.shape == (24, -(-48 // (group_size or 48)))
+    err_gptq = ((dequantize_codes(q, s, z, group_size or 48) - W) @ X.T).pow(2).sum()
+    err_rtn = ((quantize_rtn(W, 3, group_size) - W) @ X.T).pow(2).sum()
+    assert err_gptq < 0.8 * err_rtn
+
+
+def test_block_size_does_not_change_the_result():
+    X = _correlated_inputs(d=40)
+    W, H = torch.randn(8, 40), 2 * X.T @ X / 512
+    a = gptq_quantize(W, H, 4, 16, block_size=7)
+    b = gptq_quantize(W, H, 4, 16, block_size=40)
+    torch.testing.assert_close(a[1], b[1])  # group grids fitted on the same (updated) weights
+    assert (a[0].int() - b[0].int()).abs().max() <= 1  # codes equal up to float rounding of the updates
+    assert (a[0] != b[0]).float().mean() < 0.01
+
+
+def test_dead_inputs_get_zero_weight():
+    X = _correlated_inputs(d=16)
+    X[:, 3] = 0
+    q, s, z = gptq_quantize(torch.randn(4, 16), 2 * X.T @ X, 4, None)
+    # the weight of an input that never fires is set to 0, then rounded to the grid point nearest 0
+    assert (dequantize_codes(q, s, z, 16)[:, 3].abs() <= s[:, 0] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("make", [make_picollama, make_picoopt])
+def test_every_layer_beats_rtn_on_its_calibration_inputs(make):
+    """Model-level check on the inputs GPTQ saw: each layer's output error below RTN's."""
+    model, ids = make(), random_ids(8, 32)
+    cfg = GPTQConfig(bits=3, group_size=16)
+    errors = {}
+
+    def step(s):
+        stats = collect_input_stats(s.block, s.forward, hessian=True)
+        for path, lin in linears(s.block).items():
+            H = stats[path].hessian
+            W = lin.weight.detach()
+            g = resolve_group_size(cfg.group_size, W.shape[1])
+            Wg = dequantize_codes(*gptq_quantize(W, H, cfg.bits, g), g)
+            Wr = quantize_rtn(W, cfg.bits, g)
+            err = lambda Wq: torch.trace((Wq - W) @ H @ (Wq - W).T).item()  # = 2/N ‖(Wq - W)X‖²
+            errors[f"{s.index}.{path}"] = (err(Wg), err(Wr))
+            lin.weight.data.copy_(Wg)
+
+    sequential(model, ids, step, progress=False)
+    assert len(errors) == 2 * len(linears(model.model.layers[0] if hasattr(model, "model") and hasattr(model.model, "layers") else model.model.decoder.layers[0]))
+    worse = {k: v for k, v in errors.items() if not v[0] < v[1]}
+    assert not worse, worse
+
+
+@pytest.mark.parametrize("make", [make_picollama, make_picoopt])
+def test_quantize_model_in_place(make):
+    model, ids = make(), random_ids(4, 16)
+    ref = model(ids).logits
+    seconds = quantize_(model, GPTQConfig(bits=4, group_size=24), ids, progress=False)
+    assert seconds > 0
+    qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(qls) in (12, 14) and not any(isinstance(m, nn.Linear) for b in model.modules() for m in [b]
+                                             if m is not model.lm_head and isinstance(m, nn.Linear))
+    assert all(m.scales.shape[1] == -(-m.in_features // 24) for m in qls)
+    out = model(ids).logits
+    assert (out - ref).abs().mean() < 0.1 * ref.abs().mean()
+
+
+def test_unsupported_architecture_gets_the_adapter_error():
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+    with pytest.raises(UnsupportedArchitectureError, match="not supported"):
+        quantize_(Toy(), GPTQConfig(), random_ids(1, 4, vocab=4), progress=False)
+
+
+def test_gptq_needs_calibration():
+    with pytest.raises(ValueError, match="calib_ids"):
+        quantize_(make_picollama(), GPTQConfig())
+    with pytest.raises(ValueError, match="damp"):
+        GPTQConfig(damp=-0.1)
+
+
+def _tiny(kind):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg_cls, model_cls = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[kind]
+    cfg = cfg_cls(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    return model_cls(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_other_decoders(kind):
+    model, ids = _tiny(kind), random_ids(4, 16)
+    ref = model(ids).logits
+    quantize_(model, GPTQConfig(bits=4, group_size=20), ids, progress=False)  # 32 = 20 + 12, 64 = 3×20 + 4
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    assert (model(ids).logits - ref).abs().mean() < 0.1 * ref.abs().mean()

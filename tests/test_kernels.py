@@ -1,0 +1,215 @@
+"""Every compiled kernel against its pure-PyTorch reference, on every SIMD path, and bad input."""
+
+import pytest
+import torch
+from torch import nn
+
+from shrinklib import kernels as K
+from shrinklib.kernels import modules as Mo
+from shrinklib.kernels import pack as P
+from shrinklib.kernels import reference as R
+from tests.common import make_picollama, random_ids
+
+PATHS = K.simd_paths()
+# (out, in, group): odd sizes, in not a multiple of the group or of the 32-code block,
+# one group per row (group >= in), SmolLM2's 576 with g64 and g96.
+SHAPES = [(33, 100, 32), (7, 64, 64), (64, 576, 64), (5, 37, 128), (31, 200, 96), (40, 300, 1000), (1, 1, 32)]
+
+
+def random_codes(N, Kf, bits, g, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    G = -(-Kf // g)
+    q = torch.randint(0, 2**bits, (N, Kf), dtype=torch.uint8, generator=gen)
+    s = torch.rand(N, G, generator=gen) * 0.1 + 0.01
+    z = torch.rand(N, G, generator=gen) * (2**bits - 1)
+    return q, s, z
+
+
+def close(y, ref, x, W):
+    """Float tolerance: float32 kernels sum in another order than the float64 reference; the
+    rounding error of a K-term dot product is below ~K·2⁻²⁴·Σ|x||w| and in practice far
+    less, so 1e-5 of the magnitude bound Σ|x||w| (plus 1e-6) is a safe, still strict, bound."""
+    bound = x.abs().double() @ W.abs().double().T
+    assert ((y.double() - ref.double()).abs() <= 1e-5 * bound + 1e-6).all(), (y - ref).abs().max()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("N,Kf,g", SHAPES)
+@pytest.mark.parametrize("bits", K.INT_BITS)
+def test_int_matmul_matches_reference(path, N, Kf, g, bits):
+    q, s, z = random_codes(N, Kf, bits, g)
+    w = K.pack_int(q, s, z, bits, g)
+    assert torch.equal(P.unpack_int(w), q)  # packing is lossless
+    W = R.dequantize(w)
+    with K.use_simd(path):
+        torch.testing.assert_close(K.dequantize(w), W, rtol=1e-6, atol=1e-6)  # one fma per weight
+        for M in (1, 9):  # the GEMV path, and 4-row blocks plus a remainder
+            x = torch.randn(M, Kf, generator=torch.Generator().manual_seed(M))
+            close(K.int_matmul(x, w), R.int_matmul(x, w), x, W)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bits", K.INT_BITS)
+def test_int_matmul_exact_before_scaling(path, bits):
+    """Integer x, unit scales, zero zeros: every partial sum is an integer < 2^24, so exact."""
+    q, _, _ = random_codes(29, 161, bits, 64)
+    w = K.pack_int(q, torch.ones(29, 3), torch.zeros(29, 3), bits, 64)
+    x = torch.randint(-8, 9, (2, 161)).float()
+    with K.use_simd(path):
+        assert torch.equal(K.int_matmul(x, w), (x.long() @ q.long().T).float())
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", ["nf4", "fp4"])
+def test_codebook_matches_reference(path, name):
+    for N, Kf, g in SHAPES[:4]:
+        W0 = torch.randn(N, Kf)
+        q, s = Mo.codebook_codes(W0, P.CODEBOOKS[name], g)
+        w = K.pack_codebook(q, s, name, g)
+        W = R.dequantize(w)
+        x = torch.randn(2, Kf)
+        with K.use_simd(path):
+            torch.testing.assert_close(K.dequantize(w), W, rtol=1e-6, atol=1e-6)
+            close(K.int_matmul(x, w), R.int_matmul(x, w), x, W)
+        assert (W - W0).abs().max() <= s.max() * 0.25  # codebook gaps are at most 1/2 wide (absmax units)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("N,Kf,g", SHAPES)
+@pytest.mark.parametrize("bits", K.LUT_BITS)
+def test_lut_gemv_matches_reference(path, N, Kf, g, bits):
+    q, s, z = random_codes(N, Kf, bits, g, seed=bits)
+    w = K.pack_lut(q, s, z, bits, g)
+    assert torch.equal(P.unpack_lut(w), q)
+    W = R.dequantize(K.pack_int(q, s, z, 8, g))
+    x = torch.randn(2, Kf, generator=torch.Generator().manual_seed(N))
+    with K.use_simd(path):
+        close(K.lut_gemv(x, w), R.lut_gemv(x, w), x, W)  # identical int8 tables, exact integer sums
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bits", K.LUT_BITS)
+def test_lut_gemv_exact_integer_path(path, bits):
+    """x built so each 64-input chunk's largest table entry is exactly 127: the table scale is
+    1, the int8 tables equal the float ones, and with unit scales the result is an exact integer."""
+    N, Kf = 45, 192
+    q, _, _ = random_codes(N, Kf, bits, 64)
+    x = torch.randint(-31, 32, (1, Kf)).float()
+    x[0, ::64], x[0, 1::64], x[0, 2::64], x[0, 3::64] = 31, 31, 31, 34
+    w = K.pack_lut(q, torch.ones(N, 3), torch.zeros(N, 3), bits, 64)
+    with K.use_simd(path):
+        assert torch.equal(K.lut_gemv(x, w), (x.long() @ q.long().T).float())
+
+
+def test_lut_error_is_int8_table_rounding():
+    """Against the exact float product the LUT's only error is the int8 rounding of the tables."""
+    q, s, z = random_codes(64, 576, 4, 64)
+    x = torch.randn(1, 576)
+    exact = R.int_matmul(x, K.pack_int(q, s, z, 4, 64))
+    rel = (K.lut_gemv(x, K.pack_lut(q, s, z, 4, 64)) - exact).norm() / exact.norm()
+    assert rel < 0.05
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_int8_gemm_bit_exact(path):
+    for M, N, Kf in [(1, 33, 100), (5, 7, 130), (3, 64, 576), (2, 3, 1)]:
+        xq = torch.randint(-127, 128, (M, Kf), dtype=torch.int8)
+        wq = torch.randint(-128, 128, (N, Kf), dtype=torch.int8)
+        with K.use_simd(path):
+            assert torch.equal(K.int8_gemm(xq, wq), R.int8_gemm(xq, wq))
+    W = torch.randn(9, 70)
+    lin = nn.Linear(70, 9)
+    lin.weight.data = W
+    layer = Mo.W8A8Linear.from_linear(lin)
+    x = torch.randn(4, 70)
+    torch.testing.assert_close(layer(x), R.w8a8_linear(x, layer.wq, layer.w_scale, layer.bias), rtol=1e-5, atol=1e-5)
+    assert (layer(x) - lin(x)).abs().max() < 0.05 * lin(x).abs().max()
+
+
+def random_24(N, Kf, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(N, -(-Kf // 4), 4, generator=gen).argsort(-1)[..., :2]
+    mask = torch.zeros(N, keep.shape[1], 4, dtype=torch.bool).scatter(2, keep, True).reshape(N, -1)[:, :Kf]
+    return torch.randn(N, Kf, generator=gen), mask
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("N,Kf", [(33, 100), (7, 64), (64, 576), (5, 37), (1, 3)])
+def test_sparse24_matches_reference(path, N, Kf):
+    W, mask = random_24(N, Kf)
+    w = K.pack_sparse24(W, mask)
+    assert torch.equal(R.sparse24_dense(w), W * mask)
+    x = torch.randn(3, Kf)
+    with K.use_simd(path):
+        close(K.sparse24_matmul(x, w), R.sparse24_matmul(x, w), x, W * mask)
+
+
+def test_bad_input_raises_clear_errors():
+    q, s, z = random_codes(8, 64, 4, 32)
+    w = K.pack_int(q, s, z, 4, 32)
+    with pytest.raises(ValueError, match="bits"):
+        K.pack_int(q, s, z, 5, 32)
+    with pytest.raises(ValueError, match="bits"):
+        K.pack_lut(q, s, z, 8, 32)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        K.pack_int(q, torch.rand(8, 4), torch.rand(8, 4), 4, 16)
+    with pytest.raises(TypeError, match="uint8"):
+        K.pack_int(q.int(), s, z, 4, 32)
+    with pytest.raises(TypeError, match="float32"):
+        K.pack_int(q, s.double(), z, 4, 32)
+    with pytest.raises(ValueError, match="shape"):
+        K.pack_int(q, s[:, :1], z, 4, 32)
+    with pytest.raises(ValueError, match="code"):
+        K.pack_int(q, s, z, 2, 32)
+    with pytest.raises(TypeError, match="float32"):
+        K.int_matmul(torch.randn(1, 64).double(), w)
+    with pytest.raises(ValueError, match="shape"):
+        K.int_matmul(torch.randn(1, 63), w)
+    with pytest.raises(ValueError, match="CPU"):
+        K.int_matmul(torch.randn(1, 64, device="meta"), w)
+    with pytest.raises(TypeError, match="int8"):
+        K.int8_gemm(torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.int8))
+    with pytest.raises(ValueError, match="disagree"):
+        K.int8_gemm(torch.zeros(1, 4, dtype=torch.int8), torch.zeros(1, 5, dtype=torch.int8))
+    with pytest.raises(ValueError, match="2:4"):
+        K.pack_sparse24(torch.ones(2, 8))
+    with pytest.raises(ValueError, match="not available"):
+        with K.use_simd("neon"):
+            pass
+    with pytest.raises(RuntimeError, match="packed"):  # the C++ checks back the Python ones
+        torch.ops.shrink.qmatmul(torch.randn(1, 64), w.packed[:, :-1].contiguous(), w.scales, w.szeros, w.codebook, 4, 32)
+
+
+def test_build_key_changes_with_sources(monkeypatch, tmp_path):
+    key = K.build_key()
+    src = tmp_path / "x.cpp"
+    src.write_text("// changed")
+    monkeypatch.setattr(K, "SOURCES", K.SOURCES + [src])
+    assert K.build_key() != key
+
+
+@pytest.mark.parametrize("fmt", list(Mo.FORMATS))
+def test_model_runs_on_kernels(fmt):
+    model = make_picollama(0, hidden=64, intermediate=96)
+    ids = random_ids(2, 12, 128, seed=0)
+    ref = model(ids).logits
+    Mo.replace_linears_(model, fmt, lm_head=True)
+    n_kernel = sum(isinstance(m, (Mo.IntLinear, Mo.LUTLinear, Mo.W8A8Linear)) for m in model.modules())
+    assert n_kernel == 2 * 7 + 1
+    out = model(ids).logits  # 24 rows: the GEMM path of IntLinear
+    one = model(ids[:1, :3]).logits  # 3 rows: the GEMV path
+    # float formats give the same rows whatever the batch; LUT and W8A8 quantize activations
+    # (int8 tables / int8 rows), so batch-dependent float noise upstream may flip a rounding
+    tol = 1e-4 if fmt.startswith(("int", "nf", "fp")) else 0.05 * ref.abs().max().item()
+    torch.testing.assert_close(one, out[:1, :3], rtol=1e-4, atol=tol)
+    bits = {"int2": 2, "lut2": 2, "int3": 3}.get(fmt, 4)
+    assert (out - ref).abs().mean() < 0.5 * 2.0 ** (4 - bits) * ref.abs().mean()
+
+
+def test_sparse24_module():
+    lin = nn.Linear(40, 9)
+    W, mask = random_24(9, 40)
+    lin.weight.data = W * mask
+    layer = Mo.Sparse24Linear.from_linear(lin, mask)
+    x = torch.randn(5, 40)
+    torch.testing.assert_close(layer(x), lin(x), rtol=1e-5, atol=1e-5)

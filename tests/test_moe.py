@@ -1,0 +1,103 @@
+"""MoE: routing selects exactly k experts, the balancing loss is 1 under a uniform router,
+the upcycled model equals the dense one at step 0, and the parameter accounting of Mixtral."""
+
+import pytest
+import torch
+from common import make_picollama, random_ids
+
+from shrinklib.moe import (
+    MoEConfig, MoEMLP, expert_load, flops_per_token, load_balancing_loss, moe_aux_losses, moe_layers, moe_lm_loss,
+    param_counts, route_top_k, router_z_loss, upcycle_,
+)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_k_routing_selects_exactly_k_distinct_experts(k):
+    logits = torch.randn(50, 5, generator=torch.Generator().manual_seed(k))
+    probs, gates, experts = route_top_k(logits, k)
+    assert experts.shape == (50, k) and gates.shape == (50, k)
+    assert all(len(set(row.tolist())) == k for row in experts)
+    torch.testing.assert_close(gates.sum(-1), torch.ones(50))
+    # the chosen experts are the k largest logits
+    assert torch.equal(experts.sort(-1).values, logits.topk(k, -1).indices.sort(-1).values)
+    torch.testing.assert_close(probs, logits.softmax(-1))
+
+
+def test_load_balancing_loss_minimum_under_uniform_router():
+    E, T = 4, 64
+    probs = torch.full((T, E), 1 / E)
+    experts = torch.arange(T).remainder(E).view(T, 1)  # any assignment: P_i = 1/E makes it exactly 1
+    assert load_balancing_loss(probs, experts).item() == pytest.approx(1.0, abs=1e-6)
+    collapsed = torch.zeros(T, E)
+    collapsed[:, 0] = 1.0  # every token on expert 0 with probability 1: E · 1 · 1 = E
+    assert load_balancing_loss(collapsed, torch.zeros(T, 1, dtype=torch.long)).item() == pytest.approx(E)
+    skewed = torch.tensor([0.7, 0.1, 0.1, 0.1]).expand(T, E)
+    assert load_balancing_loss(skewed, skewed.topk(1).indices).item() > 1.0
+
+
+def test_router_z_loss_and_expert_load():
+    assert router_z_loss(torch.zeros(3, 4)).item() == pytest.approx(torch.log(torch.tensor(4.0)).item() ** 2)
+    load = expert_load(torch.tensor([[0, 1], [0, 2], [0, 1]]), 4)
+    torch.testing.assert_close(load, torch.tensor([3 / 6, 2 / 6, 1 / 6, 0.0]))
+
+
+@pytest.mark.parametrize("E, k, every", [(4, 1, 1), (4, 2, 1), (8, 2, 2)])
+def test_upcycled_moe_equals_dense_at_step_zero(E, k, every):
+    dense = make_picollama(0)
+    moe = make_picollama(0)
+    done = upcycle_(moe, MoEConfig(E, k, every=every))
+    assert len(done) == 2 // every and len(moe_layers(moe)) == len(done)
+    ids = random_ids(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+    aux = moe_aux_losses(moe)
+    assert aux["balance"].item() >= 0 and aux["z"].item() >= 0
+    layer = moe_layers(moe)[0]
+    assert layer.last["experts"].shape == (4 * 16, k)
+
+
+def test_moe_trains_and_the_experts_diverge():
+    from shrinklib.train import TrainConfig, train
+
+    model = make_picollama(0)
+    upcycle_(model, MoEConfig(4, 2))
+    ids = random_ids(4, 16)
+    train(model, lambda i: {"input_ids": ids, "labels": ids}, moe_lm_loss(), TrainConfig(steps=3, lr=1e-2, progress=False))
+    layer = moe_layers(model)[0]
+    w = [e.gate_proj.weight for e in layer.experts]
+    assert not torch.equal(w[0], w[1])
+
+
+def test_param_counts_pico_and_mixtral():
+    model = make_picollama(0)
+    dense = param_counts(model, top_k=1, num_experts=1)["total"]
+    upcycle_(model, MoEConfig(4, 2))
+    c = param_counts(model)
+    mlp = 3 * 32 * 64  # gate, up, down of one dense MLP
+    router = 32 * 4
+    assert c["total"] == dense + 2 * (3 * mlp + router)
+    assert c["active"] == c["total"] - 2 * 2 * mlp  # 2 of 4 experts per token, 2 layers
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    with torch.device("meta"):
+        mixtral = AutoModelForCausalLM.from_config(MixtralConfig())  # Mixtral-8x7B's values
+    c = param_counts(mixtral)
+    assert round(c["total"] / 1e9, 1) == 46.7 and round(c["active"] / 1e9, 1) == 12.9  # Mixtral paper: 47B / 13B
+    assert flops_per_token(100, 10, 2, 8, 16) == 2 * 90 + 2 * 2 * 16 * 8
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="top_k"):
+        MoEConfig(num_experts=2, top_k=3)
+    assert isinstance(MoEMLP([torch.nn.Identity()], 4, 1), torch.nn.Module)
+
+
+def test_widened_mlp_is_the_same_function():
+    from shrinklib.moe import widen_mlp
+
+    model = make_picollama(0)
+    mlp = model.model.layers[0].mlp
+    wide = widen_mlp(mlp, 4)
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(wide(x), mlp(x), rtol=1e-5, atol=1e-6)
+    assert wide.up_proj.weight.shape == (256, 32)

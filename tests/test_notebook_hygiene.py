@@ -1,0 +1,60 @@
+"""The committed notebooks are restart-and-run-all clean and follow the suite's opening."""
+
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from shrinklib.run import clean, discover
+
+NOTEBOOKS = discover()
+MACHINE_PATH = re.compile(r"(/root/|/home/\w+/|/tmp/|/work/|[A-Z]:\\\\Users)")
+
+
+@pytest.fixture(params=NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def nb(request):
+    return request.param, nbformat.read(request.param, as_version=4)
+
+
+def test_opens_with_title_then_parameters_then_seed(nb):
+    path, book = nb
+    first = book.cells[0]
+    assert first.cell_type == "markdown" and first.source.startswith(f"# {path.stem[:2]} ·")
+    code = [c for c in book.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", [])
+    for line in code[0].source.splitlines():
+        assert not line.strip() or line.lstrip().startswith("#") or "#" in line, f"parameter without a comment: {line}"
+    assert any("seed_everything(seed" in c.source for c in code[:3])
+
+
+def test_executed_in_order_without_errors(nb):
+    _, book = nb
+    counts = [c.execution_count for c in book.cells if c.cell_type == "code"]
+    assert counts == list(range(1, len(counts) + 1)), "re-run the notebook top to bottom (make notebooks)"
+    errors = [o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+
+
+def test_no_machine_paths_or_run_metadata(nb):
+    _, book = nb
+    assert clean(book) == book, "store notebooks with `python -m shrinklib.run --store`"
+    text = json.dumps([c.get("outputs", []) for c in book.cells])
+    assert not MACHINE_PATH.search(text)
+
+
+def test_saves_a_figure_and_results(nb):
+    path, book = nb
+    source = "\n".join(c.source for c in book.cells)
+    assert "save_figure(" in source and ".save(" in source
+    prefix = path.stem[:2]
+    outputs = Path(__file__).resolve().parent.parent / "outputs"
+    assert list((outputs / "figures").glob(f"{prefix}_*.png")) and list((outputs / "results").glob(f"{prefix}_*.json"))
+
+
+def test_has_checked_cells_and_exercises(nb):
+    _, book = nb
+    sources = [c.source for c in book.cells if c.cell_type == "code"]
+    assert any(s.startswith("# NBVAL_CHECK_OUTPUT") for s in sources)
+    assert any("shrinklib.exercises" in s for s in sources)

@@ -1,0 +1,134 @@
+import pytest
+import torch
+from common import make_picollama, random_ids
+from scipy.stats import chisquare
+from transformers import DynamicCache
+
+from shrinklib.speculative import (
+    accept_draft, assisted_generate, crop_cache, expected_tokens_per_call, greedy_generate, probs_from_logits,
+    speculative_generate, speedup_table,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and spinning threads stall on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+ALPHA = 1e-3  # significance level of the distribution tests (fixed seeds: the outcome is deterministic)
+V = 48
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_picollama(0, vocab=V), make_picollama(1, vocab=V, layers=1)
+
+
+def test_greedy_is_exactly_the_targets_greedy(pair):
+    target, draft = pair
+    for seed in range(6):
+        x = random_ids(1, 4 + seed, V, seed)
+        ref = target.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=12,
+                              min_new_tokens=12, pad_token_id=0)
+        assert torch.equal(greedy_generate(target, x, 12), ref)
+        for gamma in (1, 2, 3, 5):
+            out = speculative_generate(target, draft, x, 12, gamma)
+            assert torch.equal(out.sequences, ref), (seed, gamma)
+            assert sum(out.accepted) + out.target_calls >= 12 and max(out.accepted) <= gamma
+
+
+def test_self_draft_accepts_everything(pair):
+    target, _ = pair
+    out = speculative_generate(target, target, random_ids(1, 6, V, 9), 15, gamma=4)
+    assert out.acceptance_rate == 1.0 and out.accepted == [4, 4, 4] and out.tokens_per_target_call == 5.0
+
+
+def test_eos_stops(pair):
+    target, draft = pair
+    x = random_ids(1, 6, V, 3)
+    ref = greedy_generate(target, x, 10)
+    eos = int(ref[0, x.shape[1] + 2])  # the third generated token
+    out = speculative_generate(target, draft, x, 10, 3, eos_token_id=eos)
+    first = (ref[0, x.shape[1]:] == eos).nonzero()[0].item()
+    assert torch.equal(out.sequences, ref[:, : x.shape[1] + first + 1])
+
+
+def test_assisted_generation_agrees(pair):
+    target, draft = pair
+    x = random_ids(1, 7, V, 4)
+    assert torch.equal(assisted_generate(target, draft, x, 10, gamma=3, pad_token_id=0), greedy_generate(target, x, 10))
+
+
+def test_greedy_rule_on_one_hot():
+    p = probs_from_logits(torch.tensor([[0.0, 5, 1], [3, 0, 0], [0, 0, 9]]), 0)
+    q = probs_from_logits(torch.tensor([[0.0, 5, 1], [0, 0, 9]]), 0)
+    assert accept_draft(p, q, torch.tensor([1, 2])) == (1, 0)  # second draft rejected, target says 0
+    assert accept_draft(p[[0, 0, 2]], q[[0, 0]], torch.tensor([1, 1])) == (2, 2)  # all kept, bonus token 2
+
+
+def test_rejection_rule_keeps_target_distribution():
+    """The first emitted token of the rule is distributed as p_1 (chi-square, level ALPHA)."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.5, 0.2, 0.2, 0.05, 0.05], [0.2] * 5])
+    q = torch.tensor([[0.1, 0.1, 0.3, 0.3, 0.2]])
+    n, counts = 20000, torch.zeros(5)
+    for _ in range(n):
+        d = torch.multinomial(q[0], 1, generator=g)
+        k, nxt = accept_draft(p, q, d, g)
+        counts[int(d) if k == 1 else nxt] += 1
+    assert chisquare(counts.numpy(), (n * p[0]).numpy()).pvalue > ALPHA
+    assert chisquare(counts.numpy(), (n * q[0]).numpy()).pvalue < ALPHA  # the test has power: not the draft's
+
+
+def _sharpen(model, scale):
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return model
+
+
+def test_sampling_keeps_target_distribution_end_to_end():
+    """Joint law of the first two sampled tokens on a toy vocabulary of 6 equals the target's."""
+    v = 6
+    target, draft = _sharpen(make_picollama(0, vocab=v), 15.0), _sharpen(make_picollama(5, vocab=v, layers=1), 15.0)
+    x = random_ids(1, 5, v, 0) % 3 + 3
+    with torch.no_grad():
+        p1 = torch.softmax(target(x).logits[0, -1], -1)  # (v,)
+        nxt = torch.cat([x.repeat(v, 1), torch.arange(v).view(v, 1)], 1)
+        p2 = torch.softmax(target(nxt).logits[:, -1], -1)  # (v, v): p(t2 | t1)
+    joint = (p1[:, None] * p2).flatten()  # (v*v,)
+    g = torch.Generator().manual_seed(0)
+    n, counts = 1500, torch.zeros(v * v)
+    for _ in range(n):
+        out = speculative_generate(target, draft, x, 2, gamma=2, temperature=1.0, generator=g)
+        t1, t2 = out.sequences[0, -2:].tolist()
+        counts[t1 * v + t2] += 1
+    keep = joint * n >= 5  # chi-square needs expected counts ≥ 5; pool the rest
+    obs = torch.cat([counts[keep], counts[~keep].sum().view(1)]).numpy()
+    exp = torch.cat([(joint * n)[keep], (joint * n)[~keep].sum().view(1)]).numpy()
+    assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > ALPHA
+
+
+def test_crop_cache():
+    c = DynamicCache()
+    m = make_picollama(0, vocab=V)
+    m(random_ids(1, 9, V, 0), past_key_values=c, use_cache=True)
+    crop_cache(c, 5)
+    assert c.get_seq_length() == 5
+    crop_cache(c, 7)  # never grows
+    assert c.get_seq_length() == 5
+
+
+def test_expected_tokens_per_call():
+    assert expected_tokens_per_call(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_tokens_per_call(1.0, 4) == 5 and expected_tokens_per_call(0.0, 4) == 1
+
+
+def test_speedup_table_rows(pair):
+    target, draft = pair
+    rows = speedup_table(target, draft, [random_ids(1, 5, V, s) for s in range(2)], [1, 3], max_new_tokens=8)
+    assert [r["gamma"] for r in rows] == [1, 3] and all(r["exact"] for r in rows)
+    assert all(1 <= r["tokens_per_target_call"] <= r["gamma"] + 1 for r in rows)
