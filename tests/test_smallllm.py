@@ -12,13 +12,7 @@ from shrinklib.smallllm import (
 from shrinklib.train import TrainConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and spinning threads stall on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(hidden_size=32, intermediate_size=88, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,

@@ -10,13 +10,7 @@ from shrinklib.speculative import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and spinning threads stall on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ALPHA = 1e-3  # significance level of the distribution tests (fixed seeds: the outcome is deterministic)
