@@ -32,7 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .evaluate import folder_size_bytes
 from .io import atomic_path
+from .models import drop_gguf_quantizer
 
 GGUF_FORMATS = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
 QK = 32  # llama.cpp's block length (inputs per block) for Q4_0, Q4_1 and Q8_0
@@ -141,14 +143,14 @@ def export_safetensors(model: nn.Module, folder: str | Path, tokenizer=None, pac
 
             save_quantized(model, tmp)
         else:
-            _drop_quantizer_label(model)
+            drop_gguf_quantizer(model)
             model.save_pretrained(tmp, state_dict=dense_state_dict(model))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
     _atomic_folder(folder, write)
     report = ExportReport("safetensors-packed" if packed and was_quantized else "safetensors", str(folder),
-                          _folder_bytes(folder), exact=True)
+                          folder_size_bytes(folder), exact=True)
     if check:
         if packed and was_quantized:
             from .quant import load_quantized
@@ -160,20 +162,6 @@ def export_safetensors(model: nn.Module, folder: str | Path, tokenizer=None, pac
             loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         _fill_check(report, model, loaded, check_ids, TOLERANCE["safetensors"])
     return report
-
-
-def _drop_quantizer_label(model: nn.Module) -> None:
-    """A model loaded from GGUF carries a `gguf` quantization config that `save_pretrained`
-    refuses; its weights are plain float32 by then, so the config is only a label."""
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-        model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 # ----------------------------------------------------------------------------- GGUF blocks

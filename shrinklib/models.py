@@ -68,11 +68,12 @@ def _fingerprint(path: Path) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
+def drop_gguf_quantizer(model: PreTrainedModel) -> None:
     """A model loaded from GGUF carries a `gguf` quantization config that `save_pretrained`
     refuses; its weights are plain float32 by then, so the config is only a label."""
-    model.hf_quantizer = None
-    model.is_quantized = False
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+        model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
@@ -89,7 +90,7 @@ def convert_smollm2(dest: Path) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        _drop_gguf_quantizer(model)
+        drop_gguf_quantizer(model)
         model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
