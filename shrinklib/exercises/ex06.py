@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import math
 
-
-def _not_attempted(answer) -> bool:
-    if answer is None:
-        print("not attempted")
-        return True
-    return False
+from ._check import not_attempted
 
 
 def check_forward_kl(answer) -> None:
     """KL(p‖q) in nats for teacher p = (1/2, 1/2) and student q = (1/4, 3/4)."""
-    if _not_attempted(answer):
+    if not_attempted(answer):
         return
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     if abs(float(answer) - expected) < 1e-3:
@@ -27,7 +22,7 @@ def check_forward_kl(answer) -> None:
 
 def check_temperature(answer) -> None:
     """Teacher probability of token 1 when its logits (ln 9, 0) are softened at temperature T = 2."""
-    if _not_attempted(answer):
+    if not_attempted(answer):
         return
     if abs(float(answer) - 0.75) < 1e-3:
         print("Correct: logits / 2 = (ln 3, 0), softmax = (3/4, 1/4); T > 1 flattens 0.9 to 0.75.")
@@ -40,7 +35,7 @@ def check_temperature(answer) -> None:
 def check_topk_memory(answer) -> None:
     """How many times less memory per token top-k KD (k = 32, fp32 values + int32 ids) needs than
     the full 49152-entry fp32 teacher distribution."""
-    if _not_attempted(answer):
+    if not_attempted(answer):
         return
     expected = 49152 * 4 / (32 * (4 + 4))
     if abs(float(answer) - expected) < 0.5:

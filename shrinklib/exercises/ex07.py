@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-
-def _not_attempted(answer) -> bool:
-    if answer is None:
-        print("not attempted")
-        return True
-    return False
+from ._check import not_attempted
 
 
 def check_width_layer_params(answer) -> None:
     """Parameters of one width-pruned SmolLM2 block: hidden 360, MLP 1152, 9 query heads and 3 KV
     heads of 64 dimensions, two RMSNorms."""
-    if _not_attempted(answer):
+    if not_attempted(answer):
         return
     attn = 2 * 360 * 9 * 64 + 2 * 360 * 3 * 64  # q, o and k, v
     mlp = 3 * 360 * 1152  # gate, up, down
@@ -29,7 +24,7 @@ def check_width_layer_params(answer) -> None:
 def check_layers_to_drop(answer) -> None:
     """How many of SmolLM2's 30 blocks must a depth-pruned student drop to hold the width-pruned
     student's non-embedding parameter count (30 blocks of 1,797,840 + a 360 final norm)?"""
-    if _not_attempted(answer):
+    if not_attempted(answer):
         return
     full_block = 3_540_096
     target = 30 * 1_797_840 + 360
@@ -45,7 +40,7 @@ def check_layers_to_drop(answer) -> None:
 def check_prune_first(answer) -> None:
     """Index of the MLP neuron Minitron prunes first, given its activations on two tokens
     a = [[1.0, -2.0, 0.1], [3.0, 0.0, -0.2]] (rows: tokens, columns: neurons)."""
-    if _not_attempted(answer):
+    if not_attempted(answer):
         return
     if int(answer) == 2:
         print("Correct: mean |a| per neuron = (2.0, 1.0, 0.15); neuron 2 is least important.")
