@@ -340,9 +340,41 @@ at::Tensor qdequant(const at::Tensor& packed, const at::Tensor& scales, const at
 const int LUT_PERM[32] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
                           1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
 
+// The 16 biased entries of tables t0..t1-1 (scale inv): portable, and AVX2 over the 16 entries with
+// T[j] = (((0 + a0) + a1) + a2) + a3, a_k = bit_k(j) ? x_k : 0: adding an exact 0 changes nothing, so
+// the sums (and the rounding, nearest-even as nearbyint) are those of the portable loop.
+using TabFn = void (*)(const float*, int, int, float, uint8_t*);
+
+void tables_scalar(const float* x, int t0, int t1, float inv, uint8_t* tab) {
+  float T[16];
+  for (int t = t0; t < t1; ++t) {
+    T[0] = 0.f;
+    for (int k = 0; k < 4; ++k)
+      for (int j = 0; j < (1 << k); ++j) T[(1 << k) + j] = T[j] + x[4 * t + k];
+    for (int j = 0; j < 16; ++j) tab[t * 16 + j] = (uint8_t)(std::nearbyint(T[j] * inv) + 128.0f);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void tables_avx2(const float* x, int t0, int t1, float inv, uint8_t* tab) {
+  const __m256i j = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 m[3];  // lanes j whose bit k is set, k < 3; bit 3 splits the two halves
+  for (int k = 0; k < 3; ++k)
+    m[k] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(j, _mm256_set1_epi32(1 << k)), _mm256_setzero_si256()));
+  const __m256 iv = _mm256_set1_ps(inv);
+  for (int t = t0; t < t1; ++t) {
+    __m256 lo = _mm256_setzero_ps();
+    for (int k = 0; k < 3; ++k) lo = _mm256_add_ps(lo, _mm256_and_ps(m[k], _mm256_broadcast_ss(x + 4 * t + k)));
+    const __m256 hi = _mm256_add_ps(lo, _mm256_broadcast_ss(x + 4 * t + 3));
+    __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(lo, iv)), b = _mm256_cvtps_epi32(_mm256_mul_ps(hi, iv));
+    __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  // 16 int16 in order j
+    __m128i q = _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    _mm_storeu_si128((__m128i*)(tab + t * 16), _mm_xor_si128(q, _mm_set1_epi8((char)0x80)));  // + 128
+  }
+}
+
 // Tables of one row of x: (Kp/4, 16) biased uint8, ls (n_chunks), xs (G).
 void build_tables(const float* x, int Kp, int gi, uint8_t* tab, float* ls, float* xs) {
-  float T[16];
+  const TabFn tables = level() >= AVX2 ? tables_avx2 : tables_scalar;
   const int G = Kp / gi, cpg = (gi + 63) / 64;
   for (int g = 0; g < G; ++g) {
     float sum = 0.f;
@@ -359,12 +391,7 @@ void build_tables(const float* x, int Kp, int gi, uint8_t* tab, float* ls, float
       // The same float operations as reference.lut_tables, so the int8 tables are identical.
       const float inv = mx > 0.f ? 127.0f / mx : 0.f;
       ls[g * cpg + c] = mx / 127.0f;
-      for (int t = i0 / 4; t < i1 / 4; ++t) {
-        T[0] = 0.f;
-        for (int k = 0; k < 4; ++k)
-          for (int j = 0; j < (1 << k); ++j) T[(1 << k) + j] = T[j] + x[4 * t + k];
-        for (int j = 0; j < 16; ++j) tab[t * 16 + j] = (uint8_t)(std::nearbyint(T[j] * inv) + 128.0f);
-      }
+      tables(x, i0 / 4, i1 / 4, inv, tab);
     }
   }
 }
@@ -488,6 +515,107 @@ at::Tensor lut_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Ten
   return y.narrow(1, 0, N).contiguous();
 }
 
+// Dequantize a LUT-packed weight to float32 (out, in) for large batches (prefill), where
+// MKL's float GEMM beats table lookups: W[o, i] = s[o, g] * q[o, i] - sz[o, g]. Byte r of
+// (chunk, plane b, pair tp) holds bit b of the codes of row r at inputs i0 + 8tp + 0..7.
+using LutDqFn = void (*)(const uint8_t*, const float*, const float*, int, int, int, int, float*, int64_t);
+
+inline int lut_lane(int r) { return r % 2 ? 16 + r / 2 : r / 2; }  // inverse of LUT_PERM
+
+// One tile: rows r < nrows of the tile go to w + r * ldw, columns < K.
+template <int BITS>
+void lut_dq_tile_scalar(const uint8_t* pk, const float* s, const float* sz, int G, int gi, int K, int nrows,
+                        float* w, int64_t ldw) {
+  const int cpg = (gi + 63) / 64;
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < cpg; ++c) {
+      const int i0 = g * gi + c * 64, ntp = (std::min(i0 + 64, (g + 1) * gi) - i0) / 8;
+      for (int r = 0; r < nrows; ++r) {
+        const float sr = s[g * 32 + lut_lane(r)], zr = sz[g * 32 + lut_lane(r)];
+        for (int tp = 0; tp < ntp; ++tp)
+          for (int j = 0; j < 8 && i0 + 8 * tp + j < K; ++j) {
+            int q = 0;
+            for (int b = 0; b < BITS; ++b) q |= ((pk[(b * ntp + tp) * 32 + r] >> j) & 1) << b;
+            w[r * ldw + i0 + 8 * tp + j] = std::fma(sr, (float)q, -zr);
+          }
+      }
+      pk += BITS * ntp * 32;
+    }
+}
+
+// BIT8[B] holds, as 8 floats, the bits of byte B (low bit first).
+struct Bit8Table {
+  alignas(32) float v[256][8];
+  Bit8Table() { for (int B = 0; B < 256; ++B) for (int j = 0; j < 8; ++j) v[B][j] = (float)((B >> j) & 1); }
+};
+const Bit8Table BIT8;
+
+template <int BITS>
+__attribute__((target("avx2,fma"))) void lut_dq_tile_avx2(const uint8_t* pk, const float* s, const float* sz, int G,
+                                                         int gi, int K, int nrows, float* w, int64_t ldw) {
+  const int cpg = (gi + 63) / 64;
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < cpg; ++c) {
+      const int i0 = g * gi + c * 64, ntp = (std::min(i0 + 64, (g + 1) * gi) - i0) / 8;
+      for (int r = 0; r < nrows; ++r) {
+        const __m256 sr = _mm256_set1_ps(s[g * 32 + lut_lane(r)]), zr = _mm256_set1_ps(sz[g * 32 + lut_lane(r)]);
+        float* wr = w + r * ldw + i0;
+        for (int tp = 0; tp < ntp; ++tp) {
+          __m256 q = _mm256_load_ps(BIT8.v[pk[tp * 32 + r]]);
+          for (int b = 1; b < BITS; ++b)  // q += 2^b * bits of plane b (exact small integers)
+            q = _mm256_fmadd_ps(_mm256_load_ps(BIT8.v[pk[(b * ntp + tp) * 32 + r]]), _mm256_set1_ps((float)(1 << b)), q);
+          const __m256 v = _mm256_fmsub_ps(sr, q, zr);
+          if (i0 + 8 * tp + 8 <= K) {
+            _mm256_storeu_ps(wr + 8 * tp, v);
+          } else if (i0 + 8 * tp < K) {  // the last, partial 8 columns
+            float tmp[8];
+            _mm256_storeu_ps(tmp, v);
+            std::memcpy(wr + 8 * tp, tmp, sizeof(float) * (K - i0 - 8 * tp));
+          }
+        }
+      }
+      pk += BITS * ntp * 32;
+    }
+}
+
+LutDqFn lut_dq_fn(int bits, int lvl) {
+  const bool v = lvl >= AVX2;
+  switch (bits) {
+    case 1: return v ? lut_dq_tile_avx2<1> : lut_dq_tile_scalar<1>;
+    case 2: return v ? lut_dq_tile_avx2<2> : lut_dq_tile_scalar<2>;
+    case 3: return v ? lut_dq_tile_avx2<3> : lut_dq_tile_scalar<3>;
+    case 4: return v ? lut_dq_tile_avx2<4> : lut_dq_tile_scalar<4>;
+  }
+  TORCH_CHECK(false, "lut_dequant supports bits 1 to 4, got ", bits);
+}
+
+// packed (N32/32, Kp/8*bits*32) uint8; scales/szeros (N32/32, G, 32) -> W (N, K) float32.
+at::Tensor lut_dequant(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& szeros, int64_t bits,
+                       int64_t gi, int64_t N, int64_t K) {
+  check(packed, "packed", at::kByte, 2);
+  check(scales, "scales", at::kFloat, 3);
+  check(szeros, "szeros", at::kFloat, 3);
+  TORCH_CHECK(bits >= 1 && bits <= 4, "lut_dequant supports bits 1 to 4, got ", bits);
+  TORCH_CHECK(gi > 0 && gi % 32 == 0, "group size must be a positive multiple of 32, got ", gi);
+  const int tiles = packed.size(0), G = scales.size(1), Kp = G * gi;
+  TORCH_CHECK(scales.sizes() == szeros.sizes() && scales.size(0) == tiles && scales.size(2) == 32, "bad scales layout");
+  TORCH_CHECK(packed.size(1) == (int64_t)Kp / 8 * bits * 32, "packed has the wrong size for ", G, " groups of ", gi);
+  TORCH_CHECK(N > tiles * 32 - 32 && N <= tiles * 32, "N=", N, " does not match ", tiles, " tiles of 32 rows");
+  TORCH_CHECK(K <= Kp && K > Kp - gi, "in_features ", K, " does not match ", G, " groups of ", gi);
+  at::Tensor W = at::empty({N, K}, scales.options());
+  LutDqFn fn = lut_dq_fn(bits, level());
+  const uint8_t* pk = packed.data_ptr<uint8_t>();
+  const int64_t tb = packed.size(1);
+  const float *ps = scales.data_ptr<float>(), *psz = szeros.data_ptr<float>();
+  float* pw = W.data_ptr<float>();
+  at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      fn(pk + t * tb, ps + t * G * 32, psz + t * G * 32, G, gi, K, (int)std::min<int64_t>(32, N - t * 32),
+         pw + t * 32 * K, K);
+  });
+  return W;
+}
+
 // ---------------------------------------------------------------------------------------
 // 3. W8A8: int32 C[m, n] = sum_k xq[m, k] * wq[n, k] (int8 x int8), exact.
 //    AVX-512 VNNI: vpdpbusd(u8, s8) with xq + 128 as the unsigned operand, minus 128 * sum wq.
@@ -597,6 +725,30 @@ at::Tensor sparse24_matmul(const at::Tensor& x, const at::Tensor& values, const 
   return y;
 }
 
+// The dense (N, K) float32 weight of a 2:4 pair (values, index), for large batches (prefill).
+// A scatter bound by the store of N*K floats, so one portable path serves every CPU.
+at::Tensor sparse24_dense(const at::Tensor& values, const at::Tensor& index, int64_t K) {
+  check(values, "values", at::kFloat, 2);
+  check(index, "index", at::kShort, 2);
+  const int N = values.size(0), Kp = values.size(1) * 2;
+  TORCH_CHECK(Kp % 16 == 0 && index.size(0) == N && index.size(1) == Kp / 16, "values (N, Kp/2) and index (N, Kp/16) disagree");
+  TORCH_CHECK(K <= Kp && K > Kp - 16, "in_features ", K, " does not match ", Kp, " packed (padded) inputs");
+  at::Tensor W = at::zeros({N, Kp}, values.options());
+  const float* pv = values.data_ptr<float>();
+  const uint16_t* pi = (const uint16_t*)index.data_ptr<int16_t>();
+  float* pw = W.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o)
+      for (int blk = 0; blk < Kp / 16; ++blk) {
+        const uint16_t ix = pi[o * (Kp / 16) + blk];
+        const float* v = pv + o * (Kp / 2) + 8 * blk;
+        float* w = pw + o * Kp + 16 * blk;
+        for (int j = 0; j < 8; ++j) w[4 * (j / 2) + ((ix >> (2 * j)) & 3)] += v[j];  // += as the reference's scatter_add
+      }
+  });
+  return K == Kp ? W : W.narrow(1, 0, K).contiguous();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(shrink, m) {
@@ -606,6 +758,8 @@ TORCH_LIBRARY(shrink, m) {
   m.def("qmatmul(Tensor x, Tensor packed, Tensor scales, Tensor szeros, Tensor codebook, int bits, int group_size) -> Tensor", &qmatmul);
   m.def("qdequant(Tensor packed, Tensor scales, Tensor szeros, Tensor codebook, int bits, int group_size, int in_features) -> Tensor", &qdequant);
   m.def("lut_gemv(Tensor x, Tensor packed, Tensor scales, Tensor szeros, int bits, int group_size, int out_features) -> Tensor", &lut_gemv);
+  m.def("lut_dequant(Tensor packed, Tensor scales, Tensor szeros, int bits, int group_size, int out_features, int in_features) -> Tensor", &lut_dequant);
   m.def("int8_gemm(Tensor xq, Tensor wq) -> Tensor", &int8_gemm);
+  m.def("sparse24_dense(Tensor values, Tensor index, int in_features) -> Tensor", &sparse24_dense);
   m.def("sparse24_matmul(Tensor x, Tensor values, Tensor index) -> Tensor", &sparse24_matmul);
 }

@@ -4,6 +4,9 @@ Prints a markdown table (time, effective GB/s of weight bytes, speedup over floa
 F.linear), this machine's roofline (measured read bandwidth, peak float32 GFLOP/s), whole-model
 SmolLM2 decode tokens/s and 512-token prefill, and saves `outputs/figures/03_bench_roofline.png`
 and `outputs/results/03_bench.json`. `--quick` runs the small default of notebook 03.
+
+Options: `--quick`, `--no-model` (layers only), `--no-layers` (whole model only), `--prefill N`
+(prompt tokens of the prefill timing, default 512), `--threads N`, `--help`.
 """
 
 from __future__ import annotations
@@ -234,7 +237,11 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; `--quick` for the small default, `--no-model` to skip whole-model timing,
     `--threads N` to set torch's (and the kernels') thread count."""
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(__doc__)
+        return {}
     quick = "--quick" in argv
+    prefill_len = int(argv[argv.index("--prefill") + 1]) if "--prefill" in argv else 512
     if "--threads" in argv:
         torch.set_num_threads(int(argv[argv.index("--threads") + 1]))
     torch.manual_seed(0)
@@ -243,9 +250,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"roofline: read bandwidth {bw / 1e9:.1f} GB/s, peak float32 {fl / 1e9:.0f} GFLOP/s")
     shapes = SMOLLM2_SHAPES[2:3] + LARGE_SHAPES[:1] if quick else SMOLLM2_SHAPES + LARGE_SHAPES
     methods = None if not quick else ["torch f32 F.linear", "torch int8 dynamic (fbgemm)", "ours int4", "ours lut4 (T-MAC)", "ours lut2 (T-MAC)"]
-    rows = bench_layers(shapes, methods=methods, min_time=0.1 if quick else 0.3)
-    print(markdown_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k not in ("bytes", "flops")} for r in rows]))
-    model_rows = [] if "--no-model" in argv else bench_model(new_tokens=8 if quick else 32, prefill_len=128 if quick else 512)
+    rows = [] if "--no-layers" in argv else bench_layers(shapes, methods=methods, min_time=0.1 if quick else 0.3)
+    if rows:
+        print(markdown_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k not in ("bytes", "flops")} for r in rows]))
+    model_rows = [] if "--no-model" in argv else bench_model(new_tokens=8 if quick else 32, prefill_len=prefill_len)
     if model_rows:
         print(markdown_table([{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()} for r in model_rows]))
     goals = targets(rows, model_rows, bw)

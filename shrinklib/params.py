@@ -26,7 +26,7 @@ PUBLISHED = {
         "TinyLlama-1.1B", "llama",
         dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
              num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
-        1.1e9, None, "Zhang et al. 2024, TinyLlama, Table 1 (1.1B); config of TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
+        1.1e9, None, "Zhang et al. 2024, TinyLlama, abstract (1.1B); config of TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
     ),
     "Llama-3.1-8B": Published(
         "Llama-3.1-8B", "llama",
@@ -45,7 +45,7 @@ PUBLISHED = {
         dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
              num_key_value_heads=8, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2,
              tie_word_embeddings=False),
-        46.7e9, 12.9e9, "Jiang et al. 2024, Mixtral of Experts, Section 2 (46.7B total, 12.9B active per token)",
+        46.7e9, 12.9e9, "Mistral AI, Mixtral of experts release post, Dec 2023 (46.7B total, 12.9B active per token); Jiang et al. 2024 round to 47B / 13B",
     ),
 }
 

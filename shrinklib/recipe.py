@@ -583,32 +583,63 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
 
 _PPL_KEYS = ("ppl", "perplexity")
 _SIZE_KEYS = ("size_bytes", "bytes", "model_bytes", "size")
+_PARAM_KEYS = ("params",)  # parameter counts: float32 bytes = 4 per parameter
 _LATENCY_KEYS = ("latency_s", "s_per_token", "decode_s_per_token", "decode_latency", "latency")
+_BASELINE_NAMES = ("fp32", "original", "dense", "base")
+_BASELINE_KEYS = ("ppl_fp32", "ppl_dense", "ppl_teacher", "perplexity", "ppl")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def results_points(results: list[dict]) -> list[dict]:
     """(size, perplexity[, latency]) points found in results files of the suite's shape.
 
-    Walks each file's `metrics` for dicts holding a perplexity key and a size key (bytes); the
-    point's technique is its notebook and the path of keys leading to it. Files or entries of
+    Two shapes are read from each file's `metrics`, at any depth:
+    - a dict holding a perplexity key and a size key (bytes), e.g. {"ppl": 12.1, "size_bytes": 1e8};
+    - parallel dicts keyed by technique, e.g. {"ppl": {"fp32": 11.9, "gptq/4bit": 14.1},
+      "size_bytes": {"fp32": 5e8, "gptq/4bit": 1.8e8}} (or "params", counted as float32 bytes),
+      with an optional latency dict of the same keys.
+    Each point carries `baseline_ppl`, the notebook's own uncompressed perplexity on the same
+    evaluation tokens when the file has one (a "fp32"/"original"/"dense" entry, or a scalar
+    such as `ppl_dense`), else None: notebooks evaluate on different token counts, so only
+    perplexity *ratios* to their own baseline compare across notebooks. Files or entries of
     another shape are skipped, so the frontier shows what exists.
     """
     points = []
 
-    def walk(obj, path, notebook):
+    def first(obj, keys, test):
+        low = {k.lower(): k for k in obj if isinstance(k, str)}
+        return next((obj[low[k]] for k in keys if k in low and test(obj[low[k]])), None)
+
+    def walk(obj, path, notebook, baseline):
         if not isinstance(obj, dict):
             return
-        keys = {k.lower(): k for k in obj if isinstance(k, str)}
-        ppl = next((obj[keys[k]] for k in _PPL_KEYS if k in keys and isinstance(obj[keys[k]], (int, float))), None)
-        size = next((obj[keys[k]] for k in _SIZE_KEYS if k in keys and isinstance(obj[keys[k]], (int, float))), None)
+        ppl, size = first(obj, _PPL_KEYS, _number), first(obj, _SIZE_KEYS, _number)
         if ppl is not None and size is not None and size > 0:
-            lat = next((obj[keys[k]] for k in _LATENCY_KEYS if k in keys and isinstance(obj[keys[k]], (int, float))), None)
+            lat = first(obj, _LATENCY_KEYS, _number)
             points.append({"notebook": notebook, "technique": "/".join(path) or notebook, "size_bytes": float(size),
-                           "ppl": float(ppl), "latency_s": None if lat is None else float(lat)})
+                           "ppl": float(ppl), "latency_s": None if lat is None else float(lat), "baseline_ppl": baseline})
+        ppls = first(obj, _PPL_KEYS, lambda v: isinstance(v, dict))
+        sizes = first(obj, _SIZE_KEYS, lambda v: isinstance(v, dict))
+        scale = 1.0
+        if sizes is None:
+            sizes, scale = first(obj, _PARAM_KEYS, lambda v: isinstance(v, dict)), 4.0
+        if ppls is not None and sizes is not None:
+            lats = first(obj, _LATENCY_KEYS, lambda v: isinstance(v, dict)) or {}
+            own = next((ppls[b] for b in _BASELINE_NAMES if _number(ppls.get(b))), baseline)
+            for k, p in ppls.items():
+                if _number(p) and _number(sizes.get(k)) and sizes[k] > 0:
+                    lat = lats.get(k)
+                    points.append({"notebook": notebook, "technique": "/".join(path + [str(k)]), "ppl": float(p),
+                                   "size_bytes": scale * float(sizes[k]), "latency_s": float(lat) if _number(lat) else None,
+                                   "baseline_ppl": None if own is None else float(own)})
         for k, v in obj.items():
-            walk(v, path + [str(k)], notebook)
+            walk(v, path + [str(k)], notebook, baseline)
 
     for r in results:
         if isinstance(r, dict) and isinstance(r.get("metrics"), dict):
-            walk(r["metrics"], [], str(r.get("notebook", "?")))
+            base = first(r["metrics"], _BASELINE_KEYS, _number)
+            walk(r["metrics"], [], str(r.get("notebook", "?")), None if base is None else float(base))
     return points

@@ -101,6 +101,22 @@ def test_lut_gemv_exact_integer_path(path, bits):
         assert torch.equal(K.lut_gemv(x, w), (x.long() @ q.long().T).float())
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("N,Kf,g", SHAPES)
+@pytest.mark.parametrize("bits", K.LUT_BITS)
+def test_lut_dequantize_matches_reference(path, N, Kf, g, bits):
+    """The kernel rounds s*q - s*z once (one fma), the reference computes it in float64 and rounds:
+    s*q is exact in float64 (24 x 4 bits), so the two differ by at most the double rounding, 1 ulp
+    of |W| <= 1.6 here, far inside rtol = atol = 1e-6 (in practice they are bit-identical)."""
+    q, s, z = random_codes(N, Kf, bits, g, seed=bits)
+    w = K.pack_lut(q, s, z, bits, g)
+    with K.use_simd(path):
+        W = K.lut_dequantize(w)
+    assert W.shape == (N, Kf) and W.is_contiguous()
+    torch.testing.assert_close(W, R.lut_dequantize(w), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(R.lut_dequantize(w), R.dequantize(K.pack_int(q, s, z, 8, g)), rtol=1e-6, atol=1e-6)
+
+
 def test_lut_error_is_int8_table_rounding():
     """Against the exact float product the LUT's only error is the int8 rounding of the tables."""
     q, s, z = random_codes(64, 576, 4, 64)
@@ -144,6 +160,14 @@ def test_sparse24_matches_reference(path, N, Kf):
         close(K.sparse24_matmul(x, w), R.sparse24_matmul(x, w), x, W * mask)
 
 
+@pytest.mark.parametrize("N,Kf", [(33, 100), (7, 64), (64, 576), (5, 37), (1, 3)])
+def test_sparse24_dense_matches_reference(N, Kf):
+    """A scatter of the stored values (one portable path): exact."""
+    W, mask = random_24(N, Kf)
+    w = K.pack_sparse24(W, mask)
+    assert torch.equal(K.sparse24_dense(w), R.sparse24_dense(w))
+
+
 def test_bad_input_raises_clear_errors():
     q, s, z = random_codes(8, 64, 4, 32)
     w = K.pack_int(q, s, z, 4, 32)
@@ -178,6 +202,20 @@ def test_bad_input_raises_clear_errors():
             pass
     with pytest.raises(RuntimeError, match="packed"):  # the C++ checks back the Python ones
         torch.ops.shrink.qmatmul(torch.randn(1, 64), w.packed[:, :-1].contiguous(), w.scales, w.szeros, w.codebook, 4, 32)
+    wl = K.pack_lut(q, s, z, 4, 32)
+    with pytest.raises(RuntimeError, match="packed"):
+        K.lut_dequantize(P.PackedLUT(wl.packed[:, :-1].contiguous(), wl.scales, wl.szeros, 4, 32, 64, 8))
+    with pytest.raises(RuntimeError, match="bits 1 to 4"):
+        K.lut_dequantize(P.PackedLUT(wl.packed, wl.scales, wl.szeros, 5, 32, 64, 8))
+    with pytest.raises(RuntimeError, match="N=40"):
+        K.lut_dequantize(P.PackedLUT(wl.packed, wl.scales, wl.szeros, 4, 32, 64, 40))
+    with pytest.raises(RuntimeError, match="in_features"):
+        K.lut_dequantize(P.PackedLUT(wl.packed, wl.scales, wl.szeros, 4, 32, 20, 8))
+    w24 = K.pack_sparse24(*random_24(8, 64))
+    with pytest.raises(RuntimeError, match="disagree"):
+        K.sparse24_dense(P.Packed24(w24.values, w24.index[:, :-1].contiguous(), 64, 8))
+    with pytest.raises(RuntimeError, match="in_features"):
+        K.sparse24_dense(P.Packed24(w24.values, w24.index, 40, 8))
 
 
 def test_build_key_changes_with_sources(monkeypatch, tmp_path):
@@ -196,8 +234,8 @@ def test_model_runs_on_kernels(fmt):
     Mo.replace_linears_(model, fmt, lm_head=True)
     n_kernel = sum(isinstance(m, (Mo.IntLinear, Mo.LUTLinear, Mo.W8A8Linear)) for m in model.modules())
     assert n_kernel == 2 * 7 + 1
-    out = model(ids).logits  # 24 rows: the GEMM path of IntLinear
-    one = model(ids[:1, :3]).logits  # 3 rows: the GEMV path
+    out = model(ids).logits  # 24 rows: the dequantize + GEMM path of IntLinear and LUTLinear
+    one = model(ids[:1, :3]).logits  # 3 rows: the GEMV / LUT kernels
     # float formats give the same rows whatever the batch; LUT and W8A8 quantize activations
     # (int8 tables / int8 rows), so batch-dependent float noise upstream may flip a rounding
     tol = 1e-4 if fmt.startswith(("int", "nf", "fp")) else 0.05 * ref.abs().max().item()
@@ -211,5 +249,20 @@ def test_sparse24_module():
     W, mask = random_24(9, 40)
     lin.weight.data = W * mask
     layer = Mo.Sparse24Linear.from_linear(lin, mask)
-    x = torch.randn(5, 40)
-    torch.testing.assert_close(layer(x), lin(x), rtol=1e-5, atol=1e-5)
+    for M in (5, Mo.GEMV_MAX_ROWS + 3):  # the GEMV kernel, then densify + GEMM
+        x = torch.randn(M, 40)
+        torch.testing.assert_close(layer(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_lut_module_switches_to_gemm_above_threshold(monkeypatch):
+    """Few rows go through the LUT kernel; many rows through lut_dequantize + F.linear (float32
+    GEMM, so a tight tolerance against the dequantized reference); a weight over
+    DEQUANT_MAX_BYTES stays on the LUT kernel at any batch."""
+    lin = nn.Linear(100, 33)
+    layer = Mo.LUTLinear.from_linear(lin, 3, 32)
+    w = P.PackedLUT(layer.packed, layer.scales, layer.szeros, 3, 32, 100, 33)
+    few, many = torch.randn(2, Mo.LUT_GEMV_MAX_ROWS // 2, 100), torch.randn(3, Mo.LUT_GEMV_MAX_ROWS, 100)  # at, above
+    torch.testing.assert_close(layer(few), K.lut_gemv(few, w) + lin.bias, rtol=0, atol=0)
+    torch.testing.assert_close(layer(many), many @ R.lut_dequantize(w).T + lin.bias, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(Mo, "DEQUANT_MAX_BYTES", 0)
+    torch.testing.assert_close(layer(many), K.lut_gemv(many, w) + lin.bias, rtol=0, atol=0)

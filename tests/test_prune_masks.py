@@ -126,3 +126,19 @@ def test_magnitude_needs_no_data_and_is_deterministic():
     prune_(b, copy.deepcopy(PruneConfig("magnitude", sparsity=0.3)))
     for (n, la), lb in zip(named_linears(a).items(), named_linears(b).values()):
         assert torch.equal(la.weight, lb.weight), n
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_keep_largest_equals_a_stable_argsort(ties):
+    """The linear-time mask against the obvious one: stable argsort, drop the first n (ties by index)."""
+    from shrinklib.prune.masks import _keep_largest
+
+    g = torch.Generator().manual_seed(1)
+    for shape in [(7,), (5, 13), (64, 33)]:
+        s = torch.randn(*shape, generator=g)
+        if ties:
+            s = s.round()  # many equal scores
+        for n in range(shape[-1]):
+            ref = torch.ones_like(s, dtype=torch.bool)
+            ref.scatter_(-1, torch.argsort(s, dim=-1, stable=True)[..., :n], False)
+            assert torch.equal(_keep_largest(s, n), ref), (shape, n)

@@ -68,3 +68,22 @@ def test_recipe_end_to_end_on_the_embedded_model(tmp_path):
     assert (tmp_path / "out" / "model.Q4_1.gguf").stat().st_size < sizes[2]
     assert (tmp_path / "out" / "packed" / "quantization.json").is_file()
     assert "reload max|Δlogit|" in rows[3]["notes"]
+
+
+def test_results_points_reads_both_shapes_with_each_notebooks_baseline():
+    from shrinklib.recipe import results_points
+
+    files = [
+        {"notebook": "02_x", "metrics": {"ppl": {"fp32": 10.0, "gptq/4bit": 12.0, "orphan": 9.0},
+                                          "size_bytes": {"fp32": 400.0, "gptq/4bit": 100.0}}},
+        {"notebook": "05_x", "metrics": {"ppl": {"original": 20.0, "pruned": 30.0}, "params": {"original": 100, "pruned": 80},
+                                          "decode_s_per_token": {"pruned": 0.5}}},
+        {"notebook": "00_x", "metrics": {"perplexity": 11.0, "size_bytes": 440.0}},
+        {"notebook": "99_x", "metrics": {"ppl": [1, 2], "other": "text"}},
+    ]
+    got = {(p["notebook"], p["technique"]): p for p in results_points(files)}
+    assert set(got) == {("02_x", "fp32"), ("02_x", "gptq/4bit"), ("05_x", "original"), ("05_x", "pruned"), ("00_x", "00_x")}
+    assert got["02_x", "gptq/4bit"]["size_bytes"] == 100.0 and got["02_x", "gptq/4bit"]["baseline_ppl"] == 10.0
+    assert got["05_x", "pruned"]["size_bytes"] == 320.0  # 80 float32 parameters
+    assert got["05_x", "pruned"]["latency_s"] == 0.5 and got["05_x", "original"]["latency_s"] is None
+    assert got["05_x", "pruned"]["baseline_ppl"] == 20.0 and got["00_x", "00_x"]["baseline_ppl"] == 11.0

@@ -145,6 +145,11 @@ def lut_gemv(x: Tensor, w: PackedLUT) -> Tensor:
     return y.reshape(*x.shape[:-1], w.out_features)
 
 
+def lut_dequantize(w: PackedLUT) -> Tensor:
+    """The float32 (out, in) weight of a LUT-packed weight, W = s * q - s*z (for the float GEMM of prefill)."""
+    return _ops.lut_dequant(w.packed, w.scales, w.szeros, w.bits, w.group_size, w.out_features, w.in_features)
+
+
 def int8_gemm(xq: Tensor, wq: Tensor) -> Tensor:
     """Exact int32 C = xq wqᵀ of int8 (M, K) and int8 (N, K)."""
     for name, t in (("xq", xq), ("wq", wq)):
@@ -171,3 +176,8 @@ def sparse24_matmul(x: Tensor, w: Packed24) -> Tensor:
     """y = x Wᵀ for a 2:4 sparse weight stored as values plus 2-bit positions."""
     x2 = _check_x(x, w.in_features, w.values)
     return _ops.sparse24_matmul(x2, w.values, w.index).reshape(*x.shape[:-1], w.out_features)
+
+
+def sparse24_dense(w: Packed24) -> Tensor:
+    """The dense float32 (out, in) weight of a 2:4 sparse weight (for the float GEMM of prefill)."""
+    return _ops.sparse24_dense(w.values, w.index, w.in_features)

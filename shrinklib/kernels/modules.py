@@ -12,11 +12,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import arch
-from . import dequantize, int_matmul, lut_gemv, sparse24_matmul, w8a8_linear
+from ..units import MiB
+from . import dequantize, int_matmul, lut_dequantize, lut_gemv, sparse24_dense, sparse24_matmul, w8a8_linear
 from .pack import (CODEBOOKS, Packed24, PackedInt, PackedLUT, pack_codebook, pack_int, pack_lut,
                    pack_sparse24, quantize_int8_rows)
 
-GEMV_MAX_ROWS = 8  # above this many rows of x, IntLinear dequantizes once and calls the float GEMM
+GEMV_MAX_ROWS = 8  # above this many rows of x, IntLinear (and Sparse24Linear) build the float weight and call the float GEMM
+# Above this many rows LUTLinear dequantizes and calls the float GEMM. Measured (2 AVX2 cores, lut4,
+# ms: LUT kernel / lut_dequantize + F.linear): 576x576 at 16 rows 0.104 / 0.109, 24 rows 0.152 / 0.132;
+# 576x1536 (down) 16 rows 0.248 / 0.259, 32 rows 0.586 / 0.378; 1536x576 (up) 32 rows 0.352 / 0.414,
+# 64 rows 0.73 / 0.665; at 512 rows the GEMM wins 3.5x on 576x576. lut2 crosses a few rows later.
+LUT_GEMV_MAX_ROWS = 16
+# A float weight larger than this is never materialized: the LUT kernel serves every batch. For
+# SmolLM2's 49152x576 head (113 MB in float32) the LUT kernel wins at every batch measured: ms at
+# 128 rows 64 (LUT) / 152 (dequantize + GEMM) / 100 (float32 F.linear), at 512 rows 299 / 394 / 364,
+# the dequantization's page faults alone costing ~50 ms; and 4 bits are for saving memory.
+DEQUANT_MAX_BYTES = 32 * MiB
 
 
 def rtn_codes(W: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -81,7 +92,7 @@ class IntLinear(nn.Module):
 
 
 class LUTLinear(nn.Module):
-    """Linear layer on a 1-4-bit weight through the T-MAC lookup-table kernel (any number of rows)."""
+    """Linear layer on a 1-4-bit weight: T-MAC lookup-table kernel for few rows (or a huge weight), dequantize + GEMM for many."""
 
     def __init__(self, w: PackedLUT, bias: Tensor | None = None):
         super().__init__()
@@ -100,6 +111,8 @@ class LUTLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w = PackedLUT(self.packed, self.scales, self.szeros, self.bits, self.group_size, self.in_features, self.out_features)
+        if x.numel() // self.in_features > LUT_GEMV_MAX_ROWS and 4 * self.in_features * self.out_features <= DEQUANT_MAX_BYTES:
+            return F.linear(x, lut_dequantize(w), self.bias)
         y = lut_gemv(x, w)
         return y if self.bias is None else y + self.bias
 
@@ -127,7 +140,7 @@ class W8A8Linear(nn.Module):
 
 
 class Sparse24Linear(nn.Module):
-    """Linear layer on a 2:4 sparse weight (values plus 2-bit positions)."""
+    """Linear layer on a 2:4 sparse weight (values plus 2-bit positions): GEMV kernel for few rows, densify + GEMM for many."""
 
     def __init__(self, w: Packed24, bias: Tensor | None = None):
         super().__init__()
@@ -142,7 +155,10 @@ class Sparse24Linear(nn.Module):
         return cls(pack_sparse24(linear.weight.detach().float(), mask), _bias(linear))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = sparse24_matmul(x, Packed24(self.values, self.index, self.in_features, self.out_features))
+        w = Packed24(self.values, self.index, self.in_features, self.out_features)
+        if x.numel() // self.in_features > GEMV_MAX_ROWS:  # measured crossover 8-16 rows, as IntLinear's
+            return F.linear(x, sparse24_dense(w), self.bias)
+        y = sparse24_matmul(x, w)
         return y if self.bias is None else y + self.bias
 
 

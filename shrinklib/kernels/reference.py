@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .pack import _lut_chunks, Packed24, PackedInt, PackedLUT, quantize_int8_rows, unpack_int, unpack_lut
+from .pack import _lut_chunks, LUT_PERM, Packed24, PackedInt, PackedLUT, quantize_int8_rows, unpack_int, unpack_lut
 
 
 def _expand(t: Tensor, g: int, K: int) -> Tensor:
@@ -59,6 +59,21 @@ def lut_tables(x: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
     return tq.to(torch.int64), torch.stack(scales).double(), xs
 
 
+def _lut_scales(w: PackedLUT) -> tuple[Tensor, Tensor]:
+    """Scales and s*z of a `PackedLUT` back in row order: (out, G) float64 each."""
+    G = w.scales.shape[1]
+    inv_perm = torch.argsort(torch.tensor(LUT_PERM))
+    s, sz = (t[:, :, inv_perm].transpose(1, 2).reshape(-1, G)[: w.out_features].double() for t in (w.scales, w.szeros))
+    return s, sz
+
+
+def lut_dequantize(w: PackedLUT) -> Tensor:
+    """W[o, i] = s[o, g] * q[o, i] - (s*z)[o, g] of a `PackedLUT`; (out, in) float32."""
+    s, sz = _lut_scales(w)
+    K = w.in_features
+    return (_expand(s, w.group_size, K) * unpack_lut(w).double() - _expand(sz, w.group_size, K)).float()
+
+
 def lut_gemv(x: Tensor, w: PackedLUT) -> Tensor:
     """y = x Wᵀ the T-MAC way: exact integer sums of table lookups, then scales, in float64."""
     q = unpack_lut(w).long()  # (N, K)
@@ -66,9 +81,7 @@ def lut_gemv(x: Tensor, w: PackedLUT) -> Tensor:
     G = w.scales.shape[1]
     Kp = G * gi
     q = torch.nn.functional.pad(q, (0, Kp - K))
-    inv_perm = torch.argsort(torch.tensor([*range(0, 32, 2), *range(1, 32, 2)]))
-    s = w.scales[:, :, inv_perm].transpose(1, 2).reshape(-1, G)[:N].double()  # (N, G)
-    sz = w.szeros[:, :, inv_perm].transpose(1, 2).reshape(-1, G)[:N].double()
+    s, sz = _lut_scales(w)  # (N, G)
     x2 = torch.nn.functional.pad(x.reshape(-1, K).float(), (0, Kp - K))
     chunks = _lut_chunks(Kp, gi)
     chunk_of_t = torch.tensor([i for i, (a, e) in enumerate(chunks) for _ in range((e - a) // 4)])

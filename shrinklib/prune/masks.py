@@ -7,12 +7,17 @@ from torch import Tensor
 
 
 def _keep_largest(score: Tensor, n_prune: int) -> Tensor:
-    """Mask of a 1-D or 2-D (per row) score with exactly `n_prune` smallest entries (per row) removed."""
-    mask = torch.ones_like(score, dtype=torch.bool)
-    if n_prune > 0:
-        idx = torch.argsort(score, dim=-1, stable=True)[..., :n_prune]  # ties: the earlier index goes first
-        mask.scatter_(-1, idx, False)
-    return mask
+    """Mask of a 1-D or 2-D (per row) score with exactly `n_prune` smallest entries (per row) removed.
+
+    Ties at the threshold go in index order (the earlier index is removed first), which is what a
+    stable argsort would give; the k-th value plus a cumulative count finds it in linear time.
+    """
+    if n_prune <= 0:
+        return torch.ones_like(score, dtype=torch.bool)
+    thr = torch.kthvalue(score, n_prune, dim=-1, keepdim=True).values  # the n_prune-th smallest
+    below, tie = score < thr, score == thr
+    ties_removed = n_prune - below.sum(-1, keepdim=True)  # how many of the ties go
+    return ~(below | (tie & (tie.cumsum(-1) <= ties_removed)))
 
 
 def check_sparsity(sparsity: float) -> None:

@@ -43,6 +43,21 @@ def rtn_(model: nn.Module, config: RTNConfig, pack: bool = True, progress: bool 
                 lin.weight.data.copy_(qt.dequantize().to(lin.weight.dtype))
 
 
+def _shared_input_groups(lins: dict[str, nn.Module], stats: dict) -> list[list[str]]:
+    """Linears of one block grouped by identical calibration Hessians (they read the same input)."""
+    groups: list[list[str]] = []
+    for path in lins:
+        H = stats[path].hessian
+        for grp in groups:
+            other = stats[grp[0]].hessian
+            if other.shape == H.shape and torch.equal(other, H):
+                grp.append(path)
+                break
+        else:
+            groups.append([path])
+    return groups
+
+
 @torch.no_grad()
 def gptq_(model: nn.Module, calib_ids: Tensor, config: GPTQConfig, pack: bool = True, device=None,
           progress: bool = True) -> None:
@@ -50,11 +65,19 @@ def gptq_(model: nn.Module, calib_ids: Tensor, config: GPTQConfig, pack: bool = 
 
     def step(s):
         stats = collect_input_stats(s.block, s.forward, hessian=True)
-        for path, lin in linears(s.block).items():
-            g = resolve_group_size(config.group_size, lin.in_features)
-            q, sc, z = gptq_quantize(lin.weight, stats[path].hessian, config.bits, g, config.symmetric,
+        for paths in _shared_input_groups(linears(s.block), stats):
+            lins = [get_path(s.block, p) for p in paths]
+            g = resolve_group_size(config.group_size, lins[0].in_features)
+            # GPTQ treats rows independently given H, so linears reading the same input (q/k/v,
+            # gate/up) are quantized as one stacked matrix: the same result, one column loop.
+            W = torch.cat([lin.weight.detach().float() for lin in lins])
+            q, sc, z = gptq_quantize(W, stats[paths[0]].hessian, config.bits, g, config.symmetric,
                                      config.damp, config.block_size, config.act_order)
-            _install(s.block, path, q, sc, z, config.bits, g, pack)
+            rows = 0
+            for path, lin in zip(paths, lins):
+                r = slice(rows, rows + lin.out_features)
+                _install(s.block, path, q[r], sc[r], z[r], config.bits, g, pack)
+                rows += lin.out_features
 
     sequential(model, calib_ids, step, device=device, desc="GPTQ", progress=progress)
 

@@ -42,11 +42,12 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int = 4, group_size: int | None = 
     H += damp * torch.mean(torch.diag(H)) * torch.eye(d, device=W.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # (in, in)
     Q = torch.zeros(out, d, device=W.device)  # codes, permuted order
+    order = perm.tolist()  # original column index of each position (a list: no tensor indexing in the loop)
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
         W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(out, i2 - i1, device=W.device), Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])  # original column index
+            col = order[i1 + i]
             if not act_order and col % g == 0:  # fit the group's grid on its current (updated) weights
                 end = min(col + g, d)  # a short last group ends at d
                 pending = W[:, i2:end] - Err1[:, :i] @ Hinv[i1 : i1 + i, i2:end]  # beyond this block, updated
