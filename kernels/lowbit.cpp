@@ -372,6 +372,22 @@ __attribute__((target("avx2,fma"))) void tables_avx2(const float* x, int t0, int
   }
 }
 
+// A LUT-packed weight of N rows and K inputs: packed (N32/32, Kp/8*bits*32) uint8 and
+// scales/szeros (N32/32, G, 32) float32, Kp = G * gi. Shared by lut_gemv and lut_dequant.
+void check_lut_weight(const char* op, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& szeros,
+                      int64_t bits, int64_t gi, int64_t N, int64_t K) {
+  check(packed, "packed", at::kByte, 2);
+  check(scales, "scales", at::kFloat, 3);
+  check(szeros, "szeros", at::kFloat, 3);
+  TORCH_CHECK(bits >= 1 && bits <= 4, op, " supports bits 1 to 4, got ", bits);
+  TORCH_CHECK(gi > 0 && gi % 32 == 0, "group size must be a positive multiple of 32, got ", gi);
+  const int64_t tiles = packed.size(0), G = scales.size(1), Kp = G * gi;
+  TORCH_CHECK(scales.sizes() == szeros.sizes() && scales.size(0) == tiles && scales.size(2) == 32, "bad scales layout");
+  TORCH_CHECK(packed.size(1) == Kp / 8 * bits * 32, "packed has the wrong size for ", G, " groups of ", gi);
+  TORCH_CHECK(N > tiles * 32 - 32 && N <= tiles * 32, "N=", N, " does not match ", tiles, " tiles of 32 rows");
+  TORCH_CHECK(K <= Kp && K > Kp - gi, "in_features ", K, " does not match the packed weight's ", G, " groups of ", gi);
+}
+
 // Tables of one row of x: (Kp/4, 16) biased uint8, ls (n_chunks), xs (G).
 void build_tables(const float* x, int Kp, int gi, uint8_t* tab, float* ls, float* xs) {
   const TabFn tables = level() >= AVX2 ? tables_avx2 : tables_scalar;
@@ -483,16 +499,9 @@ LutFn lut_fn(int bits, int lvl) {
 at::Tensor lut_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                     const at::Tensor& szeros, int64_t bits, int64_t gi, int64_t N) {
   check(x, "x", at::kFloat, 2);
-  check(packed, "packed", at::kByte, 2);
-  check(scales, "scales", at::kFloat, 3);
-  check(szeros, "szeros", at::kFloat, 3);
-  TORCH_CHECK(bits >= 1 && bits <= 4, "lut_gemv supports bits 1 to 4, got ", bits);
-  TORCH_CHECK(gi > 0 && gi % 32 == 0, "group size must be a positive multiple of 32, got ", gi);
-  const int tiles = packed.size(0), G = scales.size(1), Kp = G * gi, M = x.size(0), K = x.size(1);
-  TORCH_CHECK(scales.sizes() == szeros.sizes() && scales.size(0) == tiles && scales.size(2) == 32, "bad scales layout");
-  TORCH_CHECK(packed.size(1) == (int64_t)Kp / 8 * bits * 32, "packed has the wrong size for ", G, " groups of ", gi);
-  TORCH_CHECK(N > tiles * 32 - 32 && N <= tiles * 32, "N=", N, " does not match ", tiles, " tiles of 32 rows");
-  TORCH_CHECK(K <= Kp && K > Kp - gi, "x has ", K, " features; the packed weight has ", G, " groups of ", gi);
+  const int M = x.size(0), K = x.size(1);
+  check_lut_weight("lut_gemv", packed, scales, szeros, bits, gi, N, K);
+  const int tiles = packed.size(0), G = scales.size(1), Kp = G * gi;
   at::Tensor xp = K == Kp ? x : at::constant_pad_nd(x, {0, Kp - K});
   const int cpg = (gi + 63) / 64;
   at::Tensor tab = at::empty({M, Kp / 4, 16}, x.options().dtype(at::kByte));
@@ -592,16 +601,8 @@ LutDqFn lut_dq_fn(int bits, int lvl) {
 // packed (N32/32, Kp/8*bits*32) uint8; scales/szeros (N32/32, G, 32) -> W (N, K) float32.
 at::Tensor lut_dequant(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& szeros, int64_t bits,
                        int64_t gi, int64_t N, int64_t K) {
-  check(packed, "packed", at::kByte, 2);
-  check(scales, "scales", at::kFloat, 3);
-  check(szeros, "szeros", at::kFloat, 3);
-  TORCH_CHECK(bits >= 1 && bits <= 4, "lut_dequant supports bits 1 to 4, got ", bits);
-  TORCH_CHECK(gi > 0 && gi % 32 == 0, "group size must be a positive multiple of 32, got ", gi);
-  const int tiles = packed.size(0), G = scales.size(1), Kp = G * gi;
-  TORCH_CHECK(scales.sizes() == szeros.sizes() && scales.size(0) == tiles && scales.size(2) == 32, "bad scales layout");
-  TORCH_CHECK(packed.size(1) == (int64_t)Kp / 8 * bits * 32, "packed has the wrong size for ", G, " groups of ", gi);
-  TORCH_CHECK(N > tiles * 32 - 32 && N <= tiles * 32, "N=", N, " does not match ", tiles, " tiles of 32 rows");
-  TORCH_CHECK(K <= Kp && K > Kp - gi, "in_features ", K, " does not match ", G, " groups of ", gi);
+  check_lut_weight("lut_dequant", packed, scales, szeros, bits, gi, N, K);
+  const int tiles = packed.size(0), G = scales.size(1);
   at::Tensor W = at::empty({N, K}, scales.options());
   LutDqFn fn = lut_dq_fn(bits, level());
   const uint8_t* pk = packed.data_ptr<uint8_t>();
