@@ -218,6 +218,20 @@ def test_bad_input_raises_clear_errors():
         K.sparse24_dense(P.Packed24(w24.values, w24.index, 40, 8))
 
 
+def test_scales_are_stored_in_float16():
+    """Both layouts store scales and s*z as float16 (0.5 bit per weight at g64); values float16
+    cannot hold are refused at packing, and the C++ checks refuse float32 scales."""
+    q, s, z = random_codes(40, 128, 4, 64)
+    for w in (K.pack_int(q, s, z, 4, 64), K.pack_lut(q, s, z, 4, 64)):
+        assert w.scales.dtype == w.szeros.dtype == torch.float16
+    torch.testing.assert_close(K.pack_int(q, s, z, 4, 64).szeros, (s * z).half(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="float16"):
+        K.pack_lut(q, s * 1e5, z, 4, 64)
+    w = K.pack_int(q, s, z, 4, 64)
+    with pytest.raises(RuntimeError, match="scales must be Half"):
+        torch.ops.shrink.qmatmul(torch.randn(1, 128), w.packed, w.scales.float(), w.szeros, w.codebook, 4, 64)
+
+
 def test_build_key_changes_with_sources(monkeypatch, tmp_path):
     key = K.build_key()
     src = tmp_path / "x.cpp"

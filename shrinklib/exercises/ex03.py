@@ -4,10 +4,10 @@ from ._check import check
 
 
 def check_packed_bytes(answer) -> None:
-    """Exercise 1: bytes of a 4096×4096 weight at 4 bits, group 64, float32 scale and zero per group."""
-    expected = 4096 * 4096 // 2 + 4096 * (4096 // 64) * 2 * 4
+    """Exercise 1: bytes of a 4096×4096 weight at 4 bits, group 64, a float16 scale and s·z per group."""
+    expected = 4096 * 4096 // 2 + 4096 * (4096 // 64) * 2 * 2
     check("packed_bytes", answer, lambda a: int(a) == expected,
-          "codes take 4096·4096·4/8 bytes; each row has 4096/64 groups, each with a float32 scale and zero (8 bytes)")
+          "codes take 4096·4096·4/8 bytes; each row has 4096/64 groups, each with a float16 scale and s·z (4 bytes)")
 
 
 def check_lut_entry(answer) -> None:

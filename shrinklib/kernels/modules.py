@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .. import arch
 from ..units import MiB
-from . import dequantize, int_matmul, lut_dequantize, lut_gemv, sparse24_dense, sparse24_matmul, w8a8_linear
+from . import _lib, check_x, dequantize, lut_dequantize, sparse24_dense, w8a8_linear
 from .pack import (CODEBOOKS, Packed24, PackedInt, PackedLUT, pack_codebook, pack_int, pack_lut,
                    pack_sparse24, quantize_int8_rows)
 
@@ -81,10 +81,11 @@ class IntLinear(nn.Module):
         return cls.from_codes(*rtn_codes(W, bits, group_size), bits, group_size, _bias(linear))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.numel() // self.in_features <= GEMV_MAX_ROWS:
-            y = int_matmul(x, self.weight_format)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, dequantize(self.weight_format), self.bias)
+        b = self._buffers  # one dict instead of nn.Module's __getattr__ per buffer: decode calls this ~200 times a token
+        if check_x(x, self.in_features).numel() > GEMV_MAX_ROWS * self.in_features:
+            return F.linear(x, dequantize(self.weight_format), b["bias"])
+        y = _lib.qmatmul(x, b["packed"], b["scales"], b["szeros"], b["codebook"], self.bits, self.group_size)
+        return y if b["bias"] is None else y + b["bias"]
 
     def extra_repr(self) -> str:
         kind = "codebook" if self.codebook.numel() else f"int{self.bits}"
@@ -109,12 +110,17 @@ class LUTLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 64) -> "LUTLinear":
         return cls.from_codes(*rtn_codes(linear.weight.detach().float(), bits, group_size), bits, group_size, _bias(linear))
 
+    @property
+    def weight_format(self) -> PackedLUT:
+        return PackedLUT(self.packed, self.scales, self.szeros, self.bits, self.group_size, self.in_features, self.out_features)
+
     def forward(self, x: Tensor) -> Tensor:
-        w = PackedLUT(self.packed, self.scales, self.szeros, self.bits, self.group_size, self.in_features, self.out_features)
-        if x.numel() // self.in_features > LUT_GEMV_MAX_ROWS and 4 * self.in_features * self.out_features <= DEQUANT_MAX_BYTES:
-            return F.linear(x, lut_dequantize(w), self.bias)
-        y = lut_gemv(x, w)
-        return y if self.bias is None else y + self.bias
+        b = self._buffers  # as in IntLinear.forward: few Python steps per call
+        rows = check_x(x, self.in_features).numel() // self.in_features
+        if rows > LUT_GEMV_MAX_ROWS and 4 * self.in_features * self.out_features <= DEQUANT_MAX_BYTES:
+            return F.linear(x, lut_dequantize(self.weight_format), b["bias"])
+        y = _lib.lut_gemv(x, b["packed"], b["scales"], b["szeros"], self.bits, self.group_size, self.out_features)
+        return y if b["bias"] is None else y + b["bias"]
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, lut{self.bits}, group_size={self.group_size}"
@@ -155,11 +161,11 @@ class Sparse24Linear(nn.Module):
         return cls(pack_sparse24(linear.weight.detach().float(), mask), _bias(linear))
 
     def forward(self, x: Tensor) -> Tensor:
-        w = Packed24(self.values, self.index, self.in_features, self.out_features)
-        if x.numel() // self.in_features > GEMV_MAX_ROWS:  # measured crossover 8-16 rows, as IntLinear's
-            return F.linear(x, sparse24_dense(w), self.bias)
-        y = sparse24_matmul(x, w)
-        return y if self.bias is None else y + self.bias
+        b = self._buffers
+        if check_x(x, self.in_features).numel() > GEMV_MAX_ROWS * self.in_features:  # crossover 8-16 rows, as IntLinear's
+            return F.linear(x, sparse24_dense(Packed24(b["values"], b["index"], self.in_features, self.out_features)), b["bias"])
+        y = _lib.sparse24_matmul(x, b["values"], b["index"])
+        return y if b["bias"] is None else y + b["bias"]
 
 
 def _bias(linear: nn.Linear) -> Tensor | None:

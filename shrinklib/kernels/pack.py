@@ -4,6 +4,11 @@ A quantized weight arrives as integer codes `q` (uint8, (out, in), values in [0,
 `scales` and `zeros` float32 (out, n_groups), n_groups = ceil(in / group_size), with
 `W[o, i] = scales[o, i // g] * (q[o, i] - zeros[o, i // g])`. Rows are padded to whole
 groups with code 0 (the kernels pad x with zeros, so padding contributes nothing).
+
+The packed layouts store the scales and the products s·z in float16, as GPTQ/AWQ checkpoints
+and llama.cpp's Q4_1 do: at group size 64 that is 0.5 bit per weight of overhead instead of
+1 bit in float32 (4.5 bits per weight at 4-bit, 2.5 at 2-bit). The references compute with the
+same stored float16 values, so the kernels are checked against exactly what they read.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ CODEBOOKS = {"nf4": NF4, "fp4": FP4}
 
 @dataclass
 class PackedInt:
-    """Bit-plane packed codes for `int_matmul`: packed (out, Kp*bits/8) uint8, scales and s*z (out, G)."""
+    """Bit-plane packed codes for `int_matmul`: packed (out, Kp*bits/8) uint8, scales and s*z (out, G) float16."""
 
     packed: Tensor
     scales: Tensor
@@ -41,7 +46,7 @@ class PackedInt:
 
 @dataclass
 class PackedLUT:
-    """Bit planes of 4-input indices in 32-row tiles for `lut_gemv`; scales and s*z (tiles, G, 32)."""
+    """Bit planes of 4-input indices in 32-row tiles for `lut_gemv`; scales and s*z (tiles, G, 32) float16."""
 
     packed: Tensor
     scales: Tensor
@@ -106,6 +111,14 @@ def _check_codes(q: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, gro
     return group_size
 
 
+def to_half(t: Tensor, name: str) -> Tensor:
+    """Scales (or s·z) as stored: float16, refusing values float16 cannot hold."""
+    h = t.to(torch.float16)
+    if not torch.isfinite(h).all():
+        raise ValueError(f"{name} has values beyond float16's range (|v| > 65504): {t.abs().max().item():.3g}")
+    return h.contiguous()
+
+
 def _pad_cols(t: Tensor, n: int) -> Tensor:
     return torch.nn.functional.pad(t, (0, n - t.shape[1])) if n > t.shape[1] else t
 
@@ -148,8 +161,8 @@ def pack_int(q: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: in
     gi = _check_codes(q, scales, zeros, bits, group_size, (2, 3, 4, 8))
     N, K = q.shape
     Kp = scales.shape[1] * gi
-    return PackedInt(pack_planes(_pad_cols(q, Kp), bits), scales.contiguous(), (scales * zeros).contiguous(),
-                     torch.empty(0), bits, gi, K, N)
+    return PackedInt(pack_planes(_pad_cols(q, Kp), bits), to_half(scales, "scales"),
+                     to_half(scales * zeros, "scales * zeros"), torch.empty(0), bits, gi, K, N)
 
 
 def pack_codebook(q: Tensor, scales: Tensor, codebook: Tensor | str, group_size: int) -> PackedInt:
@@ -187,12 +200,12 @@ def pack_lut(q: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: in
     pairs = (idx[..., 0::2] | (idx[..., 1::2] << 4)).reshape(Np // 32, 32, bits, Kp // 8)
     parts = [pairs[..., s // 8: e // 8].permute(0, 2, 3, 1).reshape(Np // 32, -1) for s, e in _lut_chunks(Kp, gi)]
 
-    def tiles(t: Tensor) -> Tensor:  # (N, G) -> (tiles, G, 32) in lane order
+    def tiles(t: Tensor, name: str) -> Tensor:  # (N, G) -> (tiles, G, 32) float16 in lane order
         t = torch.nn.functional.pad(t, (0, 0, 0, Np - N)).reshape(Np // 32, 32, G)[:, LUT_PERM]
-        return t.transpose(1, 2).contiguous()
+        return to_half(t.transpose(1, 2), name)
 
-    return PackedLUT(torch.cat(parts, 1).to(torch.uint8).contiguous(), tiles(scales), tiles(scales * zeros),
-                     bits, gi, K, N)
+    return PackedLUT(torch.cat(parts, 1).to(torch.uint8).contiguous(), tiles(scales, "scales"),
+                     tiles(scales * zeros, "scales * zeros"), bits, gi, K, N)
 
 
 def unpack_lut(w: PackedLUT) -> Tensor:
