@@ -1,0 +1,67 @@
+"""The benchmark's bookkeeping (not its timings): streamed timing calls every copy of a layer in
+turn, the copies are independent, rows carry streamed and hot columns, and the goals are read off
+the rows correctly."""
+
+import copy
+
+import torch
+
+from shrinklib import bench
+
+
+def test_streamed_time_calls_each_copy_in_turn():
+    calls = []
+    kernels = [lambda x, i=i: calls.append(i) for i in range(3)]
+    t = bench.streamed_time(kernels, None, min_time=0.0)
+    assert calls[:6] == [0, 1, 2, 0, 1, 2] and len(calls) % 3 == 0 and t >= 0
+
+
+def test_kernel_copies_have_their_own_weights():
+    """Each method's deep copy computes the same function on its own memory."""
+    W, x = torch.randn(40, 96), torch.randn(2, 96)
+    for name in ("torch f32 F.linear", "torch int8 dynamic (fbgemm)", "ours lut2 (T-MAC)", "ours int4"):
+        k = bench.METHODS[name](W)
+        k2 = copy.deepcopy(k)
+        assert torch.equal(k(x), k2(x)), name
+        if name != "torch int8 dynamic (fbgemm)":  # its weight is an opaque packed object
+            assert weight_ptr(k.args[0]) != weight_ptr(k2.args[0]), name
+
+
+def weight_ptr(arg) -> int:
+    """Address of a kernel's weight: a float tensor, or the codes of a packed weight."""
+    return (arg if isinstance(arg, torch.Tensor) else arg.packed).data_ptr()
+
+
+def test_last_level_cache_is_a_positive_size():
+    assert bench.last_level_cache_bytes() >= 2**16
+    assert bench.last_level_cache_bytes(default=123) > 0
+
+
+def test_bench_layers_rows(monkeypatch):
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda: 2**16)  # a few copies, not 128 MiB of them
+    rows = bench.bench_layers([(40, 96)], (1, 3), ["torch f32 F.linear", "ours lut4 (T-MAC)"], min_time=0.0)
+    assert [(r["batch"], r["method"]) for r in rows] == [(1, "torch f32 F.linear"), (1, "ours lut4 (T-MAC)"),
+                                                         (3, "torch f32 F.linear"), (3, "ours lut4 (T-MAC)")]
+    for r in rows:
+        assert r["ms"] > 0 and r["ms (hot)"] > 0 and r["flops"] == 2 * r["batch"] * 40 * 96
+        if r["method"] == "torch f32 F.linear":
+            assert r["speedup"] == r["speedup (hot)"] == 1.0 and r["bytes"] == 40 * 96 * 4
+
+
+def test_targets_read_off_the_rows():
+    def row(method, ms, gbs=1.0):
+        return {"shape": "4096x4096", "batch": 1, "method": method, "ms": ms, "GB/s": gbs}
+
+    rows = [row("torch f32 F.linear", 3.0), row("torch int8 dynamic (fbgemm)", 0.6), row("ours lut4 (T-MAC)", 0.5, 25.0),
+            row("ours lut2 (T-MAC)", 0.31)]
+    models = [{"format": "float32", "decode tok/s": 20, "prefill tok/s": 500},
+              {"format": "lut4", "decode tok/s": 60, "prefill tok/s": 440}]
+    got = {g["target"]: (round(g["measured"], 3), g["met"]) for g in bench.targets(rows, models, 30e9)}
+    assert got == {
+        "4-bit >= 5x float32 F.linear (4096², batch 1)": (6.0, True),
+        "4-bit faster than every torch path (4096², batch 1)": (1.2, True),
+        "4-bit reads weights at >= 70% of measured bandwidth": (0.833, True),
+        "2-bit LUT <= 0.6x 4-bit LUT time": (0.62, False),
+        "lut4 model decode >= 50 tok/s": (60, True),
+        "lut4 model prefill >= 0.9x float32": (0.88, False),
+    }
