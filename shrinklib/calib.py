@@ -36,6 +36,31 @@ def _to(obj, device):
 
 
 @torch.no_grad()
+def block_inputs(model: nn.Module, index: int, **inputs) -> tuple[Tensor, dict]:
+    """What decoder block `index` receives in the forward pass `model(**inputs)`, which stops there.
+
+    Returns:
+        hidden: the hidden states entering the block, (n, L, d).
+        kwargs: the other arguments of the block call (position embeddings, masks, cache flags).
+    """
+    captured: dict = {}
+
+    def hook(module, args, kwargs):
+        captured.update(kwargs, hidden=args[0] if args else kwargs["hidden_states"])
+        raise _Stop
+
+    handle = blocks(model)[index].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(**inputs, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    captured.pop("hidden_states", None)
+    return captured.pop("hidden"), captured
+
+
+@torch.no_grad()
 def capture_block_inputs(model: nn.Module, input_ids: Tensor) -> tuple[Tensor, dict]:
     """Inputs of the first decoder block for every calibration sequence.
 
@@ -48,28 +73,11 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor) -> tuple[Tensor, d
         kwargs: the other arguments of the block call (position embeddings, masks), captured
             for one sequence; they broadcast over the batch.
     """
-    first = blocks(model)[0]
-    captured: list[dict] = []
-
-    def hook(module, args, kwargs):
-        captured.append({"hidden": args[0] if args else kwargs.pop("hidden_states"), **kwargs})
-        raise _Stop
-
     device = next(model.parameters()).device
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    hidden = []
-    try:
-        for row in input_ids:
-            try:
-                model(row[None].to(device), use_cache=False)
-            except _Stop:
-                pass
-            hidden.append(captured[-1].pop("hidden"))
-    finally:
-        handle.remove()
-    kwargs = {k: v for k, v in captured[0].items() if k not in ("past_key_values", "past_key_value")}
+    captured = [block_inputs(model, 0, input_ids=row[None].to(device)) for row in input_ids]
+    kwargs = {k: v for k, v in captured[0][1].items() if k not in ("past_key_values", "past_key_value")}
     kwargs["use_cache"] = False
-    return torch.cat(hidden), kwargs
+    return torch.cat([h for h, _ in captured]), kwargs
 
 
 @torch.no_grad()

@@ -1,10 +1,17 @@
 """Reward models: a causal LM's backbone with a scalar head, trained on preference pairs with
 the Bradley-Terry loss −log σ(r(x, y⁺) − r(x, y⁻)) (Ouyang et al., 2022,
 https://arxiv.org/abs/2203.02155), on a generated preference task with exact ground truth
-and a label-noise rate, as in WARM (Ramé et al., 2024, https://arxiv.org/abs/2401.12187)."""
+and a label-noise rate, as in WARM (Ramé et al., 2024, https://arxiv.org/abs/2401.12187).
+
+`RewardModel` runs the whole backbone; `LastMLPRewardModel` is the same reward when only the
+last block's MLP, the final norm and the head are fine-tuned, computed from features that the
+frozen model produces once per pair (`last_mlp_features`), so many reward models train in
+seconds on a CPU.
+"""
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 
@@ -12,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import arch
 from .tasks import Example, format_prompt, make_examples
 
 
@@ -21,17 +29,60 @@ class RewardModel(nn.Module):
     def __init__(self, lm: nn.Module, head_seed: int = 0):
         super().__init__()
         self.backbone = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-        d = self.backbone.config.hidden_size
-        self.head = nn.Linear(d, 1)
-        g = torch.Generator().manual_seed(head_seed)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.randn(1, d, generator=g) / d**0.5)
-            self.head.bias.zero_()
+        self.head = self.new_head(self.backbone.config.hidden_size, head_seed)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (n, L, d)
-        last = attention_mask.sum(1) - 1  # (n,) right padding: index of the last real token
+    @staticmethod
+    def new_head(d: int, seed: int) -> nn.Linear:
+        """A d → 1 linear head with N(0, 1/d) weights drawn with `seed` and a zero bias."""
+        head = nn.Linear(d, 1)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(1, d, generator=torch.Generator().manual_seed(seed)) / d**0.5)
+            head.bias.zero_()
+        return head
+
+    def forward(self, batch: dict) -> Tensor:
+        h = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        h = h.last_hidden_state  # (n, L, d)
+        last = batch["attention_mask"].sum(1) - 1  # (n,) right padding: index of the last real token
         return self.head(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1)  # (n,)
+
+
+@torch.no_grad()
+def last_mlp_features(lm: nn.Module, batch: dict) -> dict[str, Tensor]:
+    """What the last block's MLP reads at the last real token, x, and the residual stream h it
+    is added to (block output = h + MLP(x)), both (n, d): computed once by the frozen model."""
+    block = arch.blocks(lm)[-1]
+    if not isinstance(getattr(block, "mlp", None), nn.Module):
+        raise arch.UnsupportedArchitectureError(
+            f"{type(block).__name__} has no `mlp` submodule (a Llama-style block is needed)")
+    seen = {}
+    hooks = [block.mlp.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out)),
+             block.register_forward_hook(lambda m, args, out: seen.update(h=out[0] if isinstance(out, tuple) else out))]
+    try:
+        lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = torch.arange(batch["input_ids"].shape[0])
+    last = batch["attention_mask"].sum(1) - 1  # (n,) right padding: index of the last real token
+    return {"x": seen["x"][rows, last], "h": (seen["h"] - seen["y"])[rows, last]}
+
+
+class LastMLPRewardModel(nn.Module):
+    """The same reward as `RewardModel` when only the last block's MLP, the final norm and the
+    head are trained, computed from `last_mlp_features`: r = head(norm(h + MLP(x))). Its
+    weights are copies, so M reward models share one frozen backbone."""
+
+    def __init__(self, lm: nn.Module, head_seed: int = 0, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)  # on the MLP's output (the residual branch), in training only
+        self.mlp = copy.deepcopy(arch.blocks(lm)[-1].mlp)
+        self.norm = copy.deepcopy(arch.layout(lm).final_norm(lm))
+        self.head = RewardModel.new_head(lm.config.hidden_size, head_seed)
+        self.requires_grad_(True)
+
+    def forward(self, batch: dict) -> Tensor:
+        return self.head(self.norm(batch["h"] + self.dropout(self.mlp(batch["x"])))).squeeze(-1)  # (n,)
 
 
 def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
@@ -101,25 +152,34 @@ def preference_batch(tokenizer, pairs: list[PreferencePair]) -> dict[str, Tensor
 
 def preference_loss(rm: nn.Module, batch: dict) -> Tensor:
     """Bradley-Terry loss of a reward model on a `preference_batch`."""
-    r = rm(batch["input_ids"], batch["attention_mask"])  # (2n,)
+    r = rm(batch)  # (2n,)
     n = r.shape[0] // 2
     return bradley_terry_loss(r[:n], r[n:])
 
 
+def preference_batches(tokenizer, pairs: list[PreferencePair], batch_size: int, features=None) -> list[dict]:
+    """The pairs as `preference_batch`es of `batch_size` pairs each, in order; `features(batch)`
+    (e.g. `last_mlp_features` of the frozen model) replaces each by what a reward model reads."""
+    out = [preference_batch(tokenizer, pairs[i : i + batch_size]) for i in range(0, len(pairs), batch_size)]
+    return [features(b) for b in out] if features else out
+
+
 @torch.no_grad()
-def reward_margins(rm: nn.Module, tokenizer, pairs: list[PreferencePair], batch_size: int = 32) -> Tensor:
-    """r(correct) − r(wrong) per pair, whatever the (possibly flipped) label says."""
-    device = next(rm.parameters()).device
+def reward_margins(rm: nn.Module, batches: list[dict], pairs: list[PreferencePair]) -> Tensor:
+    """r(correct) − r(wrong) per pair, whatever the (possibly flipped) label says.
+
+    Args:
+        batches: `preference_batches` of `pairs`, in order.
+    """
     rm.eval()
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i : i + batch_size]
-        b = preference_batch(tokenizer, chunk)
-        r = rm(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu()
-        n = len(chunk)
-        sign = torch.tensor([-1.0 if p.flipped else 1.0 for p in chunk])
-        out.append(sign * (r[:n] - r[n:]))
-    return torch.cat(out)
+    device = next(rm.parameters()).device
+    diffs = []
+    for b in batches:
+        b = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()}
+        r = rm(b).float().cpu()  # (2n,): chosen, then rejected
+        diffs.append(r[: len(r) // 2] - r[len(r) // 2 :])
+    sign = torch.tensor([-1.0 if p.flipped else 1.0 for p in pairs])
+    return sign * torch.cat(diffs)
 
 
 def clean_accuracy(margins: Tensor) -> float:

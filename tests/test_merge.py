@@ -72,6 +72,9 @@ def test_trim_keeps_exactly_density_entries():
     out = trim_magnitude(tau, 0.3)
     assert out.count_nonzero() == 30
     assert out.abs().max() == tau.abs().max() and out[out != 0].abs().min() >= tau.abs().flatten().sort().values[-30]
+    tied = torch.tensor([1.0, -1.0, 1.0, 1.0, 0.5])  # four entries tie for the 2 places
+    out = trim_magnitude(tied, 0.4)
+    assert out.count_nonzero() == 2 and set(out[out != 0].abs().tolist()) == {1.0}
 
 
 def test_dare_drop_and_rescale():
@@ -97,6 +100,11 @@ def test_dare_merge_hand_case_and_seed():
     c = merge_state_dicts("dare_linear", [{"w": torch.arange(1.0, 1001)}], densities=[0.5], base={"w": torch.zeros(1000)}, params={"seed": 2})["w"]
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert bool(((a == 0) | (a == 2 * torch.arange(1.0, 1001))).all())
+    # dare_ties at density 1 (nothing dropped): τ1 = (2, −1), τ2 = (−1, −3); elected signs (+, −);
+    # entry 0 keeps τ1's 2 only, entry 1 averages −1 and −3
+    out = merge_state_dicts("dare_ties", [{"w": torch.tensor([2.0, -1.0])}, {"w": torch.tensor([-1.0, -3.0])}],
+                            densities=[1.0, 1.0], base={"w": torch.zeros(2)})["w"]
+    torch.testing.assert_close(out, torch.tensor([2.0, -2.0]))
 
 
 def test_slerp_geometry():
@@ -188,3 +196,75 @@ def test_loss_along_path():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # restored
     assert loss_barrier([0, 0.5, 1], [1.0, 1.5, 2.0]) == 0.0
     assert loss_barrier([0, 0.5, 1], [1.0, 3.0, 1.0]) == 2.0
+
+
+def _answer_batch(n=3, length=12, vocab=128):
+    """Right-padded rows whose last few real tokens are the answer (labels -100 elsewhere)."""
+    ids = random_ids(n, length, vocab)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # a shorter row
+    mask[2, -5:] = 0
+    labels = torch.full_like(ids, -100)
+    for i, real in enumerate(mask.sum(1).tolist()):
+        labels[i, real - 4 : real] = ids[i, real - 4 : real]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("start", [0, 2, 3])
+def test_cached_prefix_gives_the_full_forward_and_its_gradients(start):
+    from shrinklib import arch
+    from shrinklib.merge.finetune import answer_loss, cache_prefix, final_hidden
+
+    model = make_picollama(0, layers=4)
+    model.requires_grad_(False)
+    arch.blocks(model)[start:].requires_grad_(True)
+    batch = _answer_batch()
+    cached = cache_prefix(model, batch, start)
+    assert cached["hidden"].shape == (3, 12, 32)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(final_hidden(model, cached)[real], final_hidden(model, batch)[real],
+                               rtol=1e-5, atol=1e-5)
+    # the answer loss is the usual next-token loss on the labels, from the cache too
+    torch.testing.assert_close(answer_loss(model, cached), model(**batch).loss, rtol=1e-5, atol=1e-6)
+    grads = []
+    for b in (batch, cached):
+        model.zero_grad()
+        answer_loss(model, b).backward()
+        grads.append([p.grad.clone() for p in arch.blocks(model)[start:].parameters()])
+    for g_full, g_cached in zip(*grads):
+        torch.testing.assert_close(g_cached, g_full, rtol=1e-4, atol=1e-6)
+
+
+def test_answer_metrics_is_exact_match_under_teacher_forcing():
+    from shrinklib.merge.finetune import answer_metrics
+
+    model = make_picollama(0)
+    batch = _answer_batch()
+    with torch.no_grad():
+        pred = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].argmax(-1)
+    labels = batch["labels"][:, 1:]  # a view: edits change batch["labels"]
+    where = labels != -100
+    labels[0][where[0]] = pred[0][where[0]]  # row 0: every answer token is the argmax -> a hit
+    labels[1][where[1]] = pred[1][where[1]]
+    last = where[1].nonzero()[-1, 0]
+    labels[1, last] = (labels[1, last] + 1) % 128  # row 1: all but its last answer token -> a miss
+    labels[2][where[2]] = (pred[2][where[2]] + 1) % 128  # row 2: none -> a miss
+    m = answer_metrics(model, [batch])
+    assert m["accuracy"] == pytest.approx(1 / 3)
+    assert m["loss"] == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+
+
+def test_finetune_task_trains_only_what_requires_grad():
+    from shrinklib import arch
+    from shrinklib.merge.finetune import answer_loss, cache_prefix, finetune_task
+
+    model = make_picollama(0, layers=3)
+    model.requires_grad_(False)
+    arch.blocks(model)[2:].requires_grad_(True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [cache_prefix(model, _answer_batch(), 2)]
+    loss0 = answer_loss(model, batches[0]).item()
+    finetune_task(model, batches, steps=20, lr=1e-2, seed=0)
+    assert answer_loss(model, batches[0]).item() < loss0
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("model.layers.2.") for k in changed)

@@ -12,12 +12,14 @@ from .ties import disjoint_mean, elect_sign
 
 
 def drop_and_rescale(tau: Tensor, density: float, generator: torch.Generator | None = None) -> Tensor:
-    """τ̃ = m ⊙ τ / (1 − p), m ~ Bernoulli(1 − p), with keep rate 1 − p = `density`."""
+    """τ̃ = m ⊙ τ / (1 − p), m ~ Bernoulli(1 − p), with keep rate 1 − p = `density`; the mask is
+    drawn on the generator's device (the CPU by default) and moved to τ's."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density (keep rate 1 - p) must be in (0, 1], got {density}")
     if density == 1.0:
         return tau.clone()
-    keep = torch.rand(tau.shape, generator=generator, device=tau.device) < density
+    device = generator.device if generator is not None else torch.device("cpu")
+    keep = (torch.rand(tau.shape, generator=generator, device=device) < density).to(tau.device)
     return tau * keep / density
 
 
@@ -28,16 +30,17 @@ def merge_dare(base: Tensor, tensors: list[Tensor], weights: list[float] | None 
 
     Args:
         density: keep rate 1 − p of each task vector's entries.
-        seed: seed of the drop masks (model i uses seed + i), so a merge is reproducible.
+        seed: seed of the drop masks (model i uses seed + i), drawn on the CPU so that a merge is
+            the same on every device.
         sign_consensus: elect a sign and average the agreeing entries, as in TIES.
     """
     weights = [1.0] * len(tensors) if weights is None else list(weights)
     taus = []
     for i, t in enumerate(tensors):
-        g = torch.Generator(device=base.device).manual_seed(seed + i)
+        g = torch.Generator().manual_seed(seed + i)
         taus.append(drop_and_rescale(task_vector(t, base), density, g))
     taus = torch.stack(taus)  # (M, ...)
-    w = torch.tensor(weights, dtype=torch.float32)
+    w = torch.tensor(weights, dtype=torch.float32, device=base.device)
     if sign_consensus:
         tau_m = disjoint_mean(taus, elect_sign(taus * w.view(-1, *[1] * base.ndim)), w)
     else:

@@ -1,7 +1,8 @@
-"""What the merging notebook needs around the merges: a depth-truncated model that fine-tunes
-in seconds on a CPU, fine-tuning on a generated task with the suite's loop, and a cheap exact
-accuracy (teacher-forced greedy match of the whole answer, equal to greedy decoding's exact
-match for the answer and its end-of-turn token)."""
+"""What the merging notebook needs around the merges: fine-tuning only the top blocks of a
+model on what its frozen lower blocks compute, cached once per example (`cache_prefix`), so a
+training step or an evaluation runs a few blocks; a fine-tuning loop over fixed batches (the
+suite's `train`); and a cheap exact accuracy (teacher-forced greedy match of the whole answer,
+equal to greedy decoding's exact match for the answer and its end-of-turn token)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import arch
+from ..calib import block_inputs
 from ..tasks import make_examples, supervised_batch
 from ..train import TrainConfig, train
 
@@ -28,10 +30,32 @@ def truncate_layers(model: nn.Module, keep: int) -> nn.Module:
     return small
 
 
+def cache_prefix(model: nn.Module, batch: dict, start: int) -> dict:
+    """`batch` plus what block `start` receives: the hidden states computed once by the frozen
+    embeddings and blocks below it, and the block call's other arguments (position embeddings,
+    mask). `final_hidden` then runs only blocks `start`, `start + 1`, ... on it."""
+    hidden, kwargs = block_inputs(model, start, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+    return {**batch, "hidden": hidden, "block_kwargs": kwargs, "start": start}
+
+
+def final_hidden(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The decoder's last hidden states (n, L, d), after its final norm: from the token ids, or
+    from a `cache_prefix` batch by running only the blocks above the cached ones."""
+    if "hidden" not in batch:
+        out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return out.last_hidden_state
+    h = batch["hidden"]  # (n, L, d) entering block `start`
+    for block in arch.blocks(model)[batch["start"]:]:
+        out = block(h, **batch["block_kwargs"])
+        h = out[0] if isinstance(out, tuple) else out
+    return arch.layout(model).final_norm(model)(h)
+
+
 def answer_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the positions that predict an answer token, and those tokens: the output head
     (49K × 576 for SmolLM2) runs on a few positions per example instead of all of them."""
-    h = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    h = final_hidden(model, batch)  # (n, L, d)
     labels = batch["labels"][:, 1:]  # (n, L-1): position t predicts token t+1
     where = labels != -100
     return model.get_output_embeddings()(h[:, :-1][where]), labels[where]  # (m, V), (m,)
@@ -49,19 +73,21 @@ def task_batches(tokenizer, task: str, n: int, batch_size: int, seed: int = 0) -
     return [supervised_batch(tokenizer, ex[i : i + batch_size]) for i in range(0, n, batch_size)]
 
 
-def finetune_task(model: nn.Module, tokenizer, task: str, steps: int, lr: float = 1e-3, batch_size: int = 16,
-                  n_train: int = 512, seed: int = 0, data_seed: int = 0, params: list | None = None) -> list[dict]:
-    """Fine-tune `model` in place on a task's answers with `shrinklib.train.train`.
+def finetune_task(model: nn.Module, batches: list[dict], steps: int, lr: float = 1e-3, seed: int = 0,
+                  params: list | None = None, loss_fn=answer_loss) -> list[dict]:
+    """Fine-tune `model` in place on fixed batches with `shrinklib.train.train`.
 
     Args:
-        steps: optimizer steps; the data cycles through `n_train` examples drawn with `data_seed`.
-        seed: seed of the run (shuffling of batches).
+        batches: the training set as fixed batches (`task_batches`, or their `cache_prefix`).
+        steps: optimizer steps; each epoch visits the batches in an order drawn with `seed`.
+        seed: seed of the run (batch order, dropout).
         params: the parameters trained (default: all that require grad).
+        loss_fn: loss of the model on a batch (default: cross-entropy on the answer tokens).
     """
-    batches = task_batches(tokenizer, task, n_train, batch_size, data_seed)
-    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    g = torch.Generator().manual_seed(seed)
+    order = [i for _ in range(-(-steps // len(batches))) for i in torch.randperm(len(batches), generator=g).tolist()]
     cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=max(1, steps // 10), seed=seed, progress=False)
-    return train(model, lambda i: batches[order[i % len(order)]], answer_loss, cfg, params=params)
+    return train(model, lambda i: batches[order[i]], loss_fn, cfg, params=params)
 
 
 @torch.no_grad()
@@ -72,7 +98,7 @@ def answer_metrics(model: nn.Module, batches: list[dict]) -> dict[str, float]:
     hits = total = 0
     nll = n_tok = 0.0
     for b in batches:
-        b = {k: v.to(device) for k, v in b.items()}
+        b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
         logits, target = answer_logits(model, b)  # (m, V), (m,) over the batch's answer tokens
         row = (b["labels"][:, 1:] != -100).nonzero()[:, 0]  # (m,) the example of each answer token
         wrong = torch.zeros(b["labels"].shape[0], device=device).index_add_(0, row, (logits.argmax(-1) != target).float())

@@ -19,7 +19,8 @@ def merge_linear(tensors: list[Tensor], weights: list[float] | None = None, norm
     weights = [1.0] * len(tensors) if weights is None else list(weights)
     if len(weights) != len(tensors):
         raise ValueError(f"{len(weights)} weights for {len(tensors)} tensors")
-    w = torch.tensor(weights, dtype=torch.float32).view(-1, *[1] * tensors[0].ndim)  # (M, 1, ...)
+    w = torch.tensor(weights, dtype=torch.float32, device=tensors[0].device)
+    w = w.view(-1, *[1] * tensors[0].ndim)  # (M, 1, ...)
     stacked = torch.stack([t.float() for t in tensors])  # (M, ...)
     out = (w * stacked).sum(0)
     if normalize:

@@ -44,7 +44,7 @@ def _ties(tensors, weights, densities, base, params, name):
 
     if len(set(densities)) == 1:
         return merge_ties(base, tensors, weights, density=densities[0], scale=params.get("lambda", 1.0))
-    w = torch.tensor(weights, dtype=torch.float32)
+    w = torch.tensor(weights, dtype=torch.float32, device=base.device)
     taus = torch.stack([trim_magnitude(task_vector(t, base), d) for t, d in zip(tensors, densities)])
     tau = disjoint_mean(taus, elect_sign(taus * w.view(-1, *[1] * base.ndim)), w)
     return (base.float() + params.get("lambda", 1.0) * tau).to(base.dtype)

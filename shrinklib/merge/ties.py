@@ -17,11 +17,15 @@ def trim_magnitude(tau: Tensor, density: float) -> Tensor:
     k = int(round(density * tau.numel()))
     if k >= tau.numel():
         return tau.clone()
-    out = torch.zeros_like(tau)
-    if k > 0:
-        idx = tau.abs().flatten().topk(k).indices
-        out.view(-1)[idx] = tau.view(-1)[idx]
-    return out
+    if k == 0:
+        return torch.zeros_like(tau)
+    mag = tau.abs()
+    keep = mag >= mag.flatten().kthvalue(tau.numel() - k + 1).values  # |τ| at least the k-th largest
+    if keep.sum() != k:  # ties at the threshold: keep exactly k by index
+        keep = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
+        keep[mag.flatten().topk(k).indices] = True
+        keep = keep.view_as(tau)
+    return tau * keep
 
 
 def elect_sign(taus: Tensor) -> Tensor:
@@ -49,7 +53,8 @@ def merge_ties(base: Tensor, tensors: list[Tensor], weights: list[float] | None 
         density: fraction k of each task vector kept by the trim (the paper's default 0.2).
         scale: λ applied to the merged task vector (the paper uses 1 without validation).
     """
-    weights = torch.tensor([1.0] * len(tensors) if weights is None else list(weights), dtype=torch.float32)
+    weights = torch.tensor([1.0] * len(tensors) if weights is None else list(weights), dtype=torch.float32,
+                           device=base.device)
     taus = torch.stack([trim_magnitude(task_vector(t, base), density) for t in tensors])  # (M, ...)
     weighted = taus * weights.view(-1, *[1] * base.ndim)
     gamma = elect_sign(weighted)
