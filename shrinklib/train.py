@@ -20,6 +20,7 @@ their results agree within float tolerance.
 from __future__ import annotations
 
 import math
+import os
 import random
 import warnings
 from collections.abc import Callable
@@ -175,8 +176,13 @@ def train(
 
     config = config or TrainConfig()
     torch.manual_seed(config.seed)
-    # cpu=True lets accelerate see a torchrun launch on a machine without GPUs (gloo backend)
-    acc = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available())
+    # cpu=True lets accelerate see a torchrun launch on a machine without GPUs (gloo backend). A
+    # single process trains where the model is (a CPU model stays on the CPU of a GPU machine);
+    # in a multi-process launch accelerate places each rank's copy.
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    acc = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available(),
+                      device_placement=not single)
+    device = next(model.parameters()).device if single else acc.device
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     ckpt_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir else None
@@ -206,7 +212,7 @@ def train(
             batch = next_batch(step * config.grad_accum + k)
             if world > 1 and config.split_batches:
                 batch = shard_batch(batch, rank, world)
-            batch = {key: v.to(acc.device) if isinstance(v, Tensor) else v for key, v in batch.items()}
+            batch = {key: v.to(device) if isinstance(v, Tensor) else v for key, v in batch.items()}
             with acc.accumulate(model):
                 loss = loss_fn(model, batch)
                 acc.backward(loss)
