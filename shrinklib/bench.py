@@ -2,7 +2,8 @@
 
 Prints a markdown table (time, effective GB/s of weight bytes, speedup over float32
 F.linear), this machine's roofline (measured read bandwidth, peak float32 GFLOP/s), whole-model
-SmolLM2 decode tokens/s and 512-token prefill, and saves `outputs/figures/03_bench_roofline.png`
+SmolLM2 decode tokens/s and 512-token prefill (with llama.cpp on the same GGUF beside them where
+llama-cpp-python is installed), and saves `outputs/figures/03_bench_roofline.png`
 and `outputs/results/03_bench.json`. `--quick` runs the small default of notebook 03.
 
 Every layer is timed twice. *Streamed* (the headline columns): copies of the layer, together 4x
@@ -238,6 +239,43 @@ def bench_model(formats=("float32", "lut4", "int4", "lut2"), new_tokens: int = 1
     return rows
 
 
+def bench_llama_cpp(new_tokens: int = 16, prefill_len: int = 512, gguf: str | Path | None = None) -> dict | None:
+    """llama.cpp (through llama-cpp-python) on the embedded model's own GGUF, timed as `bench_model`
+    times ours: batch-1 greedy decode (the fastest of `new_tokens` steps) and a prefill of the same
+    random `prefill_len` tokens with logits for every position. None when llama-cpp-python is not
+    installed: the row is optional, not part of the suite's requirements.
+    """
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from .models import smollm2_gguf_path
+
+    path = Path(gguf) if gguf else smollm2_gguf_path()
+    llm = Llama(model_path=str(path), n_ctx=prefill_len + new_tokens + 64, n_batch=max(prefill_len, 32),
+                n_ubatch=max(prefill_len, 32), n_threads=torch.get_num_threads(),
+                n_threads_batch=torch.get_num_threads(), logits_all=True, verbose=False)
+    llm.reset()
+    llm.eval(llm.tokenize(b"def fibonacci(n):", add_bos=False))
+    tokens, ts = [], []
+    for _ in range(new_tokens):
+        tokens.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+        t = time.perf_counter()
+        llm.eval(tokens[-1:])
+        ts.append(time.perf_counter() - t)
+    long = torch.randint(0, llm.n_vocab(), (prefill_len,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def prefill():
+        llm.reset()
+        llm.eval(long)
+
+    seconds = best_time(prefill, min_time=0.0, max_repeats=5) if prefill_len else float("nan")
+    llm.close()
+    quant = path.stem.rsplit(".", 1)[-1]
+    return {"format": f"llama.cpp {quant} GGUF", "decode tok/s": 1 / min(ts), "prefill tok/s": prefill_len / seconds,
+            "size MB": path.stat().st_size / 1e6, "tokens": tokens}
+
+
 def targets(rows: list[dict], model_rows: list[dict], bandwidth: float) -> list[dict]:
     """The suite's speed goals, measured in this run on the streamed timings (weights from memory,
     as in decode): which are met."""
@@ -309,6 +347,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(markdown_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k not in ("bytes", "flops")} for r in rows]))
     model_rows = [] if "--no-model" in argv else bench_model(new_tokens=8 if quick else 32, prefill_len=prefill_len)
     if model_rows:
+        llama = bench_llama_cpp(new_tokens=8 if quick else 32, prefill_len=prefill_len)
+        if llama is None:
+            print("llama.cpp: llama-cpp-python is not installed; `pip install llama-cpp-python` adds its row")
+        else:
+            model_rows.append({k: v for k, v in llama.items() if k != "tokens"})
         print(markdown_table([{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()} for r in model_rows]))
     goals = targets(rows, model_rows, bw)
     print(markdown_table([{**g, "measured": round(g["measured"], 2)} for g in goals]))
@@ -316,7 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
     res.metrics.update({"bandwidth_GBps": bw / 1e9, "peak_GFLOPs": fl / 1e9, "layers": rows, "model": model_rows, "targets": goals})
     if not quick:
         res.save()
-        roofline_figure(rows, bw, fl)
+        if rows:
+            roofline_figure(rows, bw, fl)
     return res.metrics
 
 

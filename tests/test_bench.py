@@ -3,7 +3,9 @@ turn, the copies are independent, rows carry streamed and hot columns, and the g
 the rows correctly."""
 
 import copy
+import sys
 
+import pytest
 import torch
 
 from shrinklib import bench
@@ -65,3 +67,25 @@ def test_targets_read_off_the_rows():
         "lut4 model decode >= 50 tok/s": (60, True),
         "lut4 model prefill >= 0.9x float32": (0.88, False),
     }
+
+
+def test_llama_cpp_row_is_absent_without_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` raise ImportError
+    assert bench.bench_llama_cpp() is None
+
+
+def test_llama_cpp_runs_the_embedded_gguf():
+    """Where llama-cpp-python is installed: its row runs the same GGUF that our float32 model is
+    dequantized from, so its first greedy token is ours. Only the first is compared: llama.cpp
+    rounds activations to 8 bits for the Q4_1 dot products, which moved this prompt's logits by up
+    to 0.76 (of a largest logit near 31), against a top-2 margin of 4.0 at the first step but
+    0.31 at the second."""
+    pytest.importorskip("llama_cpp")
+    from shrinklib import load_model
+
+    row = bench.bench_llama_cpp(new_tokens=4, prefill_len=32)
+    model, tok = load_model("smollm2-135m")
+    ids = tok("def fibonacci(n):", return_tensors="pt").input_ids
+    first = model(ids).logits[0, -1].argmax().item()
+    assert row["tokens"][0] == first and len(row["tokens"]) == 4
+    assert row["decode tok/s"] > 0 and row["prefill tok/s"] > 0 and row["format"] == "llama.cpp Q4_1 GGUF"
