@@ -24,6 +24,9 @@ class _Stop(Exception):
     """Raised by the capture hook to end the forward pass at the first block."""
 
 
+CACHE_KWARGS = ("past_key_values", "past_key_value", "use_cache")  # a block call's KV-cache arguments
+
+
 def _to(obj, device):
     """Move tensors (also inside tuples, lists and dicts) to `device`."""
     if isinstance(obj, Tensor):
@@ -41,7 +44,8 @@ def block_inputs(model: nn.Module, index: int, **inputs) -> tuple[Tensor, dict]:
 
     Returns:
         hidden: the hidden states entering the block, (n, L, d).
-        kwargs: the other arguments of the block call (position embeddings, masks, cache flags).
+        kwargs: the other arguments of the block call (position embeddings, masks), without the
+            cache arguments (`past_key_values`, `use_cache`), which callers set for themselves.
     """
     captured: dict = {}
 
@@ -56,7 +60,8 @@ def block_inputs(model: nn.Module, index: int, **inputs) -> tuple[Tensor, dict]:
         pass
     finally:
         handle.remove()
-    captured.pop("hidden_states", None)
+    for key in ("hidden_states", *CACHE_KWARGS):
+        captured.pop(key, None)
     return captured.pop("hidden"), captured
 
 
@@ -75,9 +80,7 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor) -> tuple[Tensor, d
     """
     device = next(model.parameters()).device
     captured = [block_inputs(model, 0, input_ids=row[None].to(device)) for row in input_ids]
-    kwargs = {k: v for k, v in captured[0][1].items() if k not in ("past_key_values", "past_key_value")}
-    kwargs["use_cache"] = False
-    return torch.cat([h for h, _ in captured]), kwargs
+    return torch.cat([h for h, _ in captured]), {**captured[0][1], "use_cache": False}
 
 
 @torch.no_grad()

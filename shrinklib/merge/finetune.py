@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import arch
-from ..calib import block_inputs
+from ..calib import _to, block_inputs
 from ..tasks import make_examples, supervised_batch
 from ..train import TrainConfig, train
 
@@ -35,7 +35,6 @@ def cache_prefix(model: nn.Module, batch: dict, start: int) -> dict:
     embeddings and blocks below it, and the block call's other arguments (position embeddings,
     mask). `final_hidden` then runs only blocks `start`, `start + 1`, ... on it."""
     hidden, kwargs = block_inputs(model, start, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
     return {**batch, "hidden": hidden, "block_kwargs": kwargs, "start": start}
 
 
@@ -98,7 +97,7 @@ def answer_metrics(model: nn.Module, batches: list[dict]) -> dict[str, float]:
     hits = total = 0
     nll = n_tok = 0.0
     for b in batches:
-        b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+        b = _to(b, device)  # also the cached block arguments (position embeddings) of a `cache_prefix` batch
         logits, target = answer_logits(model, b)  # (m, V), (m,) over the batch's answer tokens
         row = (b["labels"][:, 1:] != -100).nonzero()[:, 0]  # (m,) the example of each answer token
         wrong = torch.zeros(b["labels"].shape[0], device=device).index_add_(0, row, (logits.argmax(-1) != target).float())
