@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_fields
+
 
 def _mean(per_token: Tensor, mask: Tensor | None) -> Tensor:
     """Mean of a (..., L) per-token loss over the positions where mask is true (all if None)."""
@@ -124,6 +126,7 @@ class KDConfig:
     sample_temperature: float = 1.0  # on-policy: student sampling temperature
 
     def __post_init__(self):
+        check_fields(self)
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {self.divergence!r}")
         if self.temperature <= 0:

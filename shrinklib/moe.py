@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import arch
+from .checks import check_fields
 
 
 @dataclass
@@ -27,6 +28,7 @@ class MoEConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_fields(self)
         if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"need 1 ≤ top_k ≤ num_experts, got top_k={self.top_k}, num_experts={self.num_experts}")
         if self.every < 1:

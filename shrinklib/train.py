@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .checks import check_fields
 from .io import atomic_path
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -50,12 +51,13 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     extra: dict = field(default_factory=dict)  # free-form, recorded with the run
-    checkpoint_dir: str | None = None  # folder for checkpoint.pt (None: no checkpoints)
+    checkpoint_dir: str | Path | None = None  # folder for checkpoint.pt (None: no checkpoints)
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
     resume: bool = True  # continue from checkpoint_dir's checkpoint when there is one
     split_batches: bool = True  # multi-process: each process takes its rows of the global batch
 
     def __post_init__(self):
+        check_fields(self)
         if self.steps < 1 or self.grad_accum < 1:
             raise ValueError(f"steps and grad_accum must be ≥ 1, got {self.steps}, {self.grad_accum}")
         if self.lr <= 0:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..arch import LLAMA_ROLES, UnsupportedArchitectureError, blocks, layout
+from ..checks import check_fields
 
 REDUCTIONS = {"sum": lambda s: s.sum(0), "mean": lambda s: s.mean(0), "max": lambda s: s.amax(0), "prod": lambda s: s.prod(0)}
 
@@ -57,6 +58,7 @@ class LLMPrunerConfig:
     reduction: str = "sum"
 
     def __post_init__(self):
+        check_fields(self)
         for name, r in (("ratio", self.ratio), ("head_ratio", self.head_ratio)):
             if r is not None and not 0.0 <= r < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {r}")

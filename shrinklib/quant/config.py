@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..checks import check_fields
 from .formats import TABLES
 
 
@@ -26,6 +27,7 @@ class RTNConfig:
     fmt: str = "int"  # "int", "nf4", "fp4", "fp8_e4m3", "fp8_e5m2"
 
     def __post_init__(self):
+        check_fields(self)
         _check_weight_grid("RTNConfig", self.bits, self.group_size, self.fmt)
 
 
@@ -41,6 +43,7 @@ class GPTQConfig:
     act_order: bool = False
 
     def __post_init__(self):
+        check_fields(self)
         _check_weight_grid("GPTQConfig", self.bits, self.group_size)
         if self.group_size == "tensor":
             raise ValueError("GPTQConfig: per-tensor grids are not supported; use an int group_size or None")
@@ -62,6 +65,7 @@ class AWQConfig:
     max_tokens: int = 512  # calibration tokens used by the searches
 
     def __post_init__(self):
+        check_fields(self)
         _check_weight_grid("AWQConfig", self.bits, self.group_size)
         if self.group_size == "tensor":
             raise ValueError("AWQConfig: per-tensor grids are not supported; use an int group_size or None")
@@ -80,6 +84,7 @@ class SmoothQuantConfig:
     act_granularity: str = "per_token"  # dynamic activation scales: "per_token" or "per_tensor"
 
     def __post_init__(self):
+        check_fields(self)
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"SmoothQuantConfig: alpha must be in [0, 1], got {self.alpha}")
         for name in ("w_bits", "a_bits"):
