@@ -17,14 +17,17 @@ Two targets:
 Every export is reloaded (GGUF through `AutoModelForCausalLM.from_pretrained(folder,
 gguf_file=...)`) and its logits compared with the model before export: `ExportReport` holds
 the error and the tolerance it was held to.
+
+Exports never destroy a user's files: a target that exists is replaced only when it is a
+previous export of the suite (a folder holding `shrinklib.io.MARKER`, a GGUF file carrying the
+`MARKER_KEY` metadata) or when the caller passes `overwrite=True`; everything is written under a
+temporary name and renamed at the end, and temporaries left by a killed export are removed by
+the next export into that folder (`shrinklib.io`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,8 +35,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .checks import check_token_ids
 from .evaluate import folder_size_bytes
-from .io import atomic_path
+from .io import atomic_path, check_file_target, staged_folder
 from .models import drop_gguf_quantizer
 
 GGUF_FORMATS = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
@@ -46,6 +50,7 @@ QK = 32  # llama.cpp's block length (inputs per block) for Q4_0, Q4_1 and Q8_0
 TOLERANCE = {"F32": 0.0, "F16": 1e-2, "Q8_0": 5e-2, "Q4_0": 1e-2, "Q4_1": 1e-2, "safetensors": 0.0}
 
 LLAMA_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}
+MARKER_KEY = "shrinklib.export_version"  # GGUF metadata marking a file as the suite's export (it may be replaced)
 
 
 class ExportError(ValueError):
@@ -104,27 +109,8 @@ def dense_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def _atomic_folder(folder: Path, write) -> Path:
-    """Run `write(tmp)` on a temporary folder beside `folder`, then move it into place."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    old = None
-    try:
-        write(tmp)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, old / "x")
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
 def export_safetensors(model: nn.Module, folder: str | Path, tokenizer=None, packed: bool = False,
-                       check: bool = True, check_ids: Tensor | None = None) -> ExportReport:
+                       check: bool = True, check_ids: Tensor | None = None, overwrite: bool = False) -> ExportReport:
     """Save as a `transformers` folder (atomically) and check it by reloading.
 
     Args:
@@ -133,9 +119,14 @@ def export_safetensors(model: nn.Module, folder: str | Path, tokenizer=None, pac
             `transformers` install loads with `from_pretrained`.
         check: reload and compare logits (exact equality is required).
         check_ids: (n, L) token ids for the comparison (default: 2 random sequences of 32).
+        overwrite: replace an existing folder that is not a previous export of the suite
+            (without it such a folder is refused and left untouched).
     """
     folder = Path(folder)
     was_quantized = bool(_quantized_modules(model))
+    fmt = "safetensors-packed" if packed and was_quantized else "safetensors"
+    if check_ids is not None:
+        check_token_ids(check_ids, model, what="check_ids")
 
     def write(tmp: Path) -> None:
         if packed and was_quantized:
@@ -148,9 +139,9 @@ def export_safetensors(model: nn.Module, folder: str | Path, tokenizer=None, pac
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    _atomic_folder(folder, write)
-    report = ExportReport("safetensors-packed" if packed and was_quantized else "safetensors", str(folder),
-                          folder_size_bytes(folder), exact=True)
+    with staged_folder(folder, overwrite, what="export folder", format=fmt) as tmp:
+        write(tmp)
+    report = ExportReport(fmt, str(folder), folder_size_bytes(folder), exact=True)
     if check:
         if packed and was_quantized:
             from .quant import load_quantized
@@ -440,8 +431,19 @@ class _RowPermuted:
         return q[self.perm], s[self.perm], z[self.perm]
 
 
+def is_suite_gguf(path: str | Path) -> bool:
+    """Whether `path` is a GGUF file this module wrote (it carries the `MARKER_KEY` metadata)."""
+    from gguf import GGUFReader
+
+    try:
+        return MARKER_KEY in GGUFReader(str(path)).fields
+    except Exception:  # not a GGUF file, or a truncated one: not ours
+        return False
+
+
 def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, fmt: str = "F16", embed_type: str | None = None,
-                check: bool = True, check_ids: Tensor | None = None, name: str | None = None) -> ExportReport:
+                check: bool = True, check_ids: Tensor | None = None, name: str | None = None,
+                overwrite: bool = False) -> ExportReport:
     """Write a Llama model to one GGUF file (atomically) and check it by reloading with transformers.
 
     Args:
@@ -449,14 +451,19 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, fmt: str = "
         tokenizer: a byte-level BPE tokenizer to embed (None: no tokenizer in the file).
         embed_type: storage of the token embedding and untied output (default by format).
         check: reload the file and compare logits with the model (`TOLERANCE`; 0 when exact).
+        overwrite: replace an existing file that is not a GGUF export of the suite (without it
+            such a file is refused and left untouched).
     """
     from gguf import GGUFWriter
 
     if fmt not in GGUF_FORMATS:
         raise ExportError(f"unknown GGUF format {fmt!r}; use one of {GGUF_FORMATS}")
-    check_llama_exportable(model)
     path = Path(path)
-    meta = llama_metadata(model.config, name or path.stem, fmt)
+    check_file_target(path, overwrite, ours=path.is_file() and is_suite_gguf(path), what="GGUF file")
+    if check_ids is not None:
+        check_token_ids(check_ids, model, what="check_ids")
+    check_llama_exportable(model)
+    meta = llama_metadata(model.config, name or path.stem, fmt) | {MARKER_KEY: 1}
     if tokenizer is not None:
         meta |= tokenizer_metadata(tokenizer, model.config.vocab_size)
     tensors = list(gguf_tensors(model, fmt, embed_type))  # encode everything before touching the disk
@@ -548,7 +555,9 @@ def _fill_check(report: ExportReport, model: nn.Module, loaded: nn.Module, ids: 
 
 
 def export(model: nn.Module, out: str | Path, fmt: str, tokenizer=None, **kw) -> ExportReport:
-    """One entry point: fmt "safetensors", "safetensors-packed", or a GGUF format (file `out`)."""
+    """One entry point: fmt "safetensors", "safetensors-packed", or a GGUF format (file `out`).
+    An existing target is replaced only when it is a previous export of the suite, or with
+    `overwrite=True`."""
     if fmt == "safetensors":
         return export_safetensors(model, out, tokenizer, packed=False, **kw)
     if fmt == "safetensors-packed":

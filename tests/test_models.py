@@ -85,4 +85,4 @@ def test_unknown_hub_id_offline_says_what_and_how(monkeypatch):
     with pytest.raises(ModelNotFoundError) as err:
         load_model("no-such-org/no-such-model-xyz")
     msg = str(err.value)
-    assert "no-such-org/no-such-model-xyz" in msg and "huggingface-cli download" in msg
+    assert "no-such-org/no-such-model-xyz" in msg and "hf download no-such-org/no-such-model-xyz" in msg

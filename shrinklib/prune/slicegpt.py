@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from ..arch import blocks, layout
 from ..calib import _to, capture_block_inputs, run_block
+from ..checks import check_fields
+from ..io import staged_folder
 from .llm_pruner import check_llama
 
 
@@ -40,6 +42,7 @@ class SliceGPTConfig:
     d_kept: int | None = None  # the kept dimension itself, overriding slicing (e.g. to match a parameter count)
 
     def __post_init__(self):
+        check_fields(self)
         if not 0.0 <= self.slicing < 1.0:
             raise ValueError(f"slicing must be in [0, 1), got {self.slicing}")
         if self.multiple < 1 or (self.d_kept is not None and self.d_kept < 1):
@@ -198,14 +201,16 @@ def slicegpt_(model: nn.Module, config: SliceGPTConfig, calib_ids: Tensor, batch
     return {"d": d, "d_kept": d2, "variance_kept": kept}
 
 
-def save_sliced(model: nn.Module, folder: str | Path) -> Path:
-    """Write config.json and model.safetensors of a sliced model (read back with `load_sliced`)."""
+def save_sliced(model: nn.Module, folder: str | Path, overwrite: bool = False) -> Path:
+    """Write config.json and model.safetensors of a sliced model (read back with `load_sliced`), under
+    a temporary name renamed at the end; an existing folder is replaced only when the suite wrote
+    it (or with `overwrite`)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(folder)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    with staged_folder(folder, overwrite, what="SliceGPT folder") as tmp:
+        model.config.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     return folder
 
 
