@@ -268,3 +268,81 @@ def test_finetune_task_trains_only_what_requires_grad():
     assert answer_loss(model, batches[0]).item() < loss0
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("model.layers.2.") for k in changed)
+
+
+# ----------------------------------------------------------------------------- merges that cannot be right are refused
+
+
+@pytest.mark.parametrize("method, kw, message", [
+    ("linear", {"weights": [1.0, -1.0]}, r"weights \[1.0, -1.0\] sum to 0, and a normalized merge divides by their sum"),
+    ("linear", {"weights": [float("nan"), 1.0]}, "weights must be finite numbers"),
+    ("linear", {"weights": [1.0]}, "1 weights for 2 models; give exactly one per model"),
+    ("task_arithmetic", {"weights": [1.0]}, "1 weights for 2 models"),
+    ("ties", {"weights": [1.0, 1.0, 1.0]}, "3 weights for 2 models"),
+    ("dare_linear", {"densities": [0.5]}, "1 densities for 2 models"),
+])
+def test_bad_weights_are_refused(method, kw, message):
+    base = sd(0) if METHODS[method].needs_base else None
+    with pytest.raises(ValueError, match=message):
+        merge_state_dicts(method, [sd(1), sd(2)], base=base, **kw)
+
+
+def test_each_method_function_refuses_a_short_weight_list():
+    """The per-tensor functions no longer drop models silently (zip)."""
+    from shrinklib.merge import merge_dare, merge_linear
+
+    base, ts = torch.zeros(3), [torch.ones(3), 2 * torch.ones(3)]
+    for fn in (lambda: merge_task_arithmetic(base, ts, [1.0]), lambda: merge_ties(base, ts, [1.0]),
+               lambda: merge_dare(base, ts, [1.0]), lambda: merge_linear(ts, [1.0])):
+        with pytest.raises(ValueError, match="1 weights for 2 models"):
+            fn()
+
+
+def test_different_vocabularies_name_the_tensor_and_both_shapes():
+    small = {k: v.clone() for k, v in make_picollama(1, vocab=64).state_dict().items()}
+    with pytest.raises(ValueError, match=r"tensor 'model.embed_tokens.weight': model 1 has shape \(64, 32\), "
+                                         r"the base \(128, 32\); merging needs models of one architecture"):
+        merge_state_dicts("task_arithmetic", [sd(1), small], base=sd(0))
+    with pytest.raises(ValueError, match="model 1 has no tensor 'model.layers.1"):
+        merge_state_dicts("linear", [sd(1), {k: v for k, v in sd(2).items() if ".layers.1." not in k}])
+
+
+def test_non_finite_results_are_never_written(tmp_path):
+    paths = []
+    for s in range(2):
+        m = make_picollama(s)
+        if s == 1:
+            m.model.norm.weight.data[0] = float("inf")
+        m.save_pretrained(tmp_path / f"m{s}")
+        paths.append(str(tmp_path / f"m{s}"))
+    with pytest.raises(ValueError, match=r"merged tensor 'model.norm.weight' has 1 non-finite value\(s\)"):
+        merge_files(MergeConfig("linear", [ModelSpec(p) for p in paths]), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m1"]
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ("merge_method: linear\nmodels:\n  - model: a\ndtype: fp16\n", "unknown dtype 'fp16'; use one of float32, float16, bfloat16"),
+    ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n  - model: b\n    parameters: {weight: -1}\n",
+     "sum to 0"),
+    ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: '0.5'}\n", "weight must be a number"),
+    ("merge_method: dare_ties\nbase_model: b\nmodels:\n  - model: a\nparameters: {rescale: false}\n",
+     "unknown merge parameter 'rescale'"),
+    ("merge_method: linear\nparameters: {normalize: 'no'}\nmodels:\n  - model: a\n", "normalize must be true or false"),
+    ("merge_method: linear\nmodels:\n  - model: a\nmodels:\n  - model: b\n", "key 'models' is given twice"),
+])
+def test_merge_configs_check_dtype_weights_and_parameters(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        load_config(bad)
+
+
+def test_merge_output_folder_of_the_user_is_kept(tmp_path):
+    for s in range(2):
+        make_picollama(s).save_pretrained(tmp_path / f"m{s}")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    cfg = MergeConfig("linear", [ModelSpec(str(tmp_path / "m0")), ModelSpec(str(tmp_path / "m1"))])
+    with pytest.raises(FileExistsError, match="merge output folder .*out already exists and was not written by the suite"):
+        merge_files(cfg, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    merge_files(cfg, tmp_path / "merged", progress=False)
+    merge_files(cfg, tmp_path / "merged", progress=False)  # its own output: replaced

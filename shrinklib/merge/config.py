@@ -22,10 +22,15 @@ from pathlib import Path
 
 import yaml
 
+from ..checks import check_field, check_fields, load_yaml
 from ..io import atomic_write_text
+from .checks import check_weights
 
 MODEL_PARAMS = ("weight", "density")
 KEPT_KEYS = ("tokenizer_source", "tokenizer", "chat_template", "out_dtype", "name")
+# method-wide parameters the methods read, and their types (per-model defaults included)
+PARAMETERS = {"normalize": bool, "lambda": float, "t": float, "seed": int, "weight": float, "density": float}
+DTYPES = ("float32", "float16", "bfloat16")  # `dtype` of the merged tensors (None: the inputs' own)
 
 
 @dataclass
@@ -39,9 +44,12 @@ class ModelSpec:
     def __post_init__(self):
         for k in MODEL_PARAMS:
             v = getattr(self, k)
-            if v is not None and (isinstance(v, (list, dict)) or not math.isfinite(float(v))):
+            if isinstance(v, (list, dict)):
                 raise ValueError(f"Model {self.model!r}: {k} must be a number (gradients over layers are "
                                  f"not supported), got {v!r}")
+            check_field(f"Model {self.model!r}", k, v, float | None)
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"Model {self.model!r}: {k} must be finite, got {v!r}")
         if self.density is not None and not 0.0 < float(self.density) <= 1.0:
             raise ValueError(f"Model {self.model!r}: density must be in (0, 1], got {self.density}")
 
@@ -60,6 +68,7 @@ class MergeConfig:
     def __post_init__(self):
         from .registry import METHODS
 
+        check_fields(self)
         if self.merge_method not in METHODS:
             raise ValueError(f"Unknown merge_method {self.merge_method!r}; supported: {sorted(METHODS)}")
         self.models = [m if isinstance(m, ModelSpec) else ModelSpec(**m) for m in self.models]
@@ -74,8 +83,15 @@ class MergeConfig:
         for k, v in self.parameters.items():
             if isinstance(v, (list, dict)):
                 raise ValueError(f"parameter {k!r}: gradients (lists over layers) are not supported, got {v!r}")
+            if k not in PARAMETERS:
+                raise ValueError(f"unknown merge parameter {k!r}; supported: {', '.join(PARAMETERS)}")
+            check_field("merge parameters", k, v, PARAMETERS[k])
         if "t" in self.parameters and not 0.0 <= float(self.parameters["t"]) <= 1.0:
             raise ValueError(f"t must be in [0, 1], got {self.parameters['t']}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)} or leave it out")
+        check_weights(self.weights(), len(self.inputs()),
+                      normalize=self.merge_method == "linear" and self.parameters.get("normalize", True))
 
     def inputs(self) -> list[ModelSpec]:
         """The models merged into the base (the base itself excluded when it is listed)."""
@@ -126,7 +142,10 @@ def config_to_dict(c: MergeConfig) -> dict:
 def load_config(source: str | Path) -> MergeConfig:
     """Read a mergekit-shaped YAML file (or YAML text containing a newline)."""
     text = source if isinstance(source, str) and "\n" in source else Path(source).read_text()
-    return config_from_dict(yaml.safe_load(text))
+    data = load_yaml(text, "merge config")
+    if not isinstance(data, dict):
+        raise ValueError(f"a merge config is a mapping with merge_method and models, got {type(data).__name__}")
+    return config_from_dict(data)
 
 
 def save_config(config: MergeConfig, path: str | Path | None = None) -> str:

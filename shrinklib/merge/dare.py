@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .checks import check_weights
 from .task_arithmetic import task_vector
 from .ties import disjoint_mean, elect_sign
 
@@ -34,7 +35,7 @@ def merge_dare(base: Tensor, tensors: list[Tensor], weights: list[float] | None 
             the same on every device.
         sign_consensus: elect a sign and average the agreeing entries, as in TIES.
     """
-    weights = [1.0] * len(tensors) if weights is None else list(weights)
+    weights = check_weights(weights, len(tensors))
     taus = []
     for i, t in enumerate(tensors):
         g = torch.Generator().manual_seed(seed + i)

@@ -1,6 +1,7 @@
 """Merging tensor by tensor: each tensor is read from every input's safetensors file
 (`safetensors.safe_open`), merged, and written to an output shard, so memory holds one
-output shard plus one tensor per input, never two whole models."""
+output shard plus one tensor per input, never two whole models. The output folder is written
+under a temporary name and renamed at the end (`shrinklib.io.staged_folder`)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..io import atomic_path, atomic_write_text
+from ..io import staged_folder
 from ..units import GiB
+from .checks import check_finite, check_weights
 from .config import MergeConfig
 from .registry import merge_tensor
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def merge_state_dicts(method: str, state_dicts: list[dict[str, Tensor]], weights: list[float] | None = None,
@@ -35,10 +35,16 @@ def merge_state_dicts(method: str, state_dicts: list[dict[str, Tensor]], weights
         params: method parameters (normalize, lambda, t, seed).
     """
     n = len(state_dicts)
-    weights = [1.0] * n if weights is None else list(weights)
-    densities = [1.0] * n if densities is None else list(densities)
+    weights = check_weights(weights, n)
+    densities = check_weights(densities, n, "densities")
+    ref_sd = base or state_dicts[0]
+    for i, sd in enumerate(state_dicts):
+        missing = sorted(set(ref_sd) - set(sd))
+        if missing:
+            raise ValueError(f"model {i} has no tensor {missing[0]!r} ({len(missing)} missing): merging needs "
+                             "models of one architecture")
     out = {}
-    for name, ref in (base or state_dicts[0]).items():
+    for name, ref in ref_sd.items():
         if not ref.is_floating_point():
             out[name] = ref.clone()
             continue
@@ -71,34 +77,51 @@ class _Reader:
     """Reads single tensors from one model's files, opening each file once."""
 
     def __init__(self, source: str | Path):
+        self.source = str(source)
         self.where = safetensors_files(source)
         self.handles = {}
 
     def get(self, name: str) -> Tensor:
+        if name not in self.where:
+            raise ValueError(f"{self.source} has no tensor {name!r}: merging needs models of one architecture")
         f = self.where[name]
         if f not in self.handles:
             self.handles[f] = safe_open(f, "pt")
         return self.handles[f].get_tensor(name)
 
 
-def merge_files(config: MergeConfig, out_dir: str | Path, max_shard_bytes: int = 2 * GiB, progress: bool = True) -> Path:
+def merge_files(config: MergeConfig, out_dir: str | Path, max_shard_bytes: int = 2 * GiB, progress: bool = True,
+                overwrite: bool = False) -> Path:
     """Run a merge config on safetensors checkpoints, one tensor at a time; writes the merged
-    weights (sharded above `max_shard_bytes`) and the reference model's config.json to `out_dir`."""
+    weights (sharded above `max_shard_bytes`) and the reference model's config.json to `out_dir`.
+
+    An existing `out_dir` is replaced only when it is an output of the suite or with `overwrite`;
+    a merge that fails (different shapes, a non-finite result) leaves nothing behind.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ref_source = config.base_model or config.inputs()[0].model
     base = _Reader(config.base_model) if config.base_model else None
     readers = [_Reader(m.model) for m in config.inputs()]
     ref = base or readers[0]
-    dtype = DTYPES.get(config.dtype) if config.dtype else None
+    dtype = getattr(torch, config.dtype) if config.dtype else None
+    with staged_folder(out_dir, overwrite, what="merge output folder", merge_method=config.merge_method) as tmp:
+        _write_merge(config, tmp, ref, base, readers, dtype, max_shard_bytes, progress)
+        ref_dir = Path(ref_source)
+        if ref_dir.is_dir() and (ref_dir / "config.json").is_file():
+            shutil.copyfile(ref_dir / "config.json", tmp / "config.json")
+    return out_dir
+
+
+def _write_merge(config: MergeConfig, out_dir: Path, ref: _Reader, base: _Reader | None, readers: list[_Reader],
+                 dtype, max_shard_bytes: int, progress: bool) -> None:
+    labels = [m.model for m in config.inputs()]
     shards, shard, size = [], {}, 0
 
     def flush():
         nonlocal shard, size
         if shard:
             name = f"model-{len(shards) + 1:05d}.safetensors"
-            with atomic_path(out_dir / name) as tmp:
-                save_file(shard, str(tmp), metadata={"format": "pt"})
+            save_file(shard, str(out_dir / name), metadata={"format": "pt"})
             shards.append((name, list(shard)))
             shard, size = {}, 0
 
@@ -106,8 +129,8 @@ def merge_files(config: MergeConfig, out_dir: str | Path, max_shard_bytes: int =
         r = ref.get(name)
         if r.is_floating_point():
             t = merge_tensor(config.merge_method, [rd.get(name) for rd in readers], config.weights(), config.densities(),
-                             base.get(name) if base else None, config.parameters, name)
-            t = t.to(dtype) if dtype else t
+                             base.get(name) if base else None, config.parameters, name, labels)
+            t = check_finite(name, t.to(dtype)) if dtype else t  # a float16 cast can overflow
         else:
             t = r
         shard[name] = t.contiguous()
@@ -119,8 +142,4 @@ def merge_files(config: MergeConfig, out_dir: str | Path, max_shard_bytes: int =
         (out_dir / shards[0][0]).replace(out_dir / "model.safetensors")
     else:
         weight_map = {k: f for f, keys in shards for k in keys}
-        atomic_write_text(out_dir / "model.safetensors.index.json", json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-    ref_dir = Path(ref_source)
-    if ref_dir.is_dir() and (ref_dir / "config.json").is_file():
-        shutil.copyfile(ref_dir / "config.json", out_dir / "config.json")
-    return out_dir
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))

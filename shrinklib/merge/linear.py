@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .checks import check_weights
+
 
 def merge_linear(tensors: list[Tensor], weights: list[float] | None = None, normalize: bool = True) -> Tensor:
     """θ = Σ_i w_i θ_i (divided by Σ_i w_i when `normalize`).
@@ -16,9 +18,7 @@ def merge_linear(tensors: list[Tensor], weights: list[float] | None = None, norm
         weights: one weight per model (default: equal).
         normalize: divide by the sum of weights, so equal weights give the plain mean.
     """
-    weights = [1.0] * len(tensors) if weights is None else list(weights)
-    if len(weights) != len(tensors):
-        raise ValueError(f"{len(weights)} weights for {len(tensors)} tensors")
+    weights = check_weights(weights, len(tensors), normalize=normalize)
     w = torch.tensor(weights, dtype=torch.float32, device=tensors[0].device)
     w = w.view(-1, *[1] * tensors[0].ndim)  # (M, 1, ...)
     stacked = torch.stack([t.float() for t in tensors])  # (M, ...)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .checks import check_finite, check_shapes, check_weights
 from .dare import merge_dare
 from .linear import merge_linear
 from .slerp import slerp
@@ -84,7 +85,7 @@ METHODS: dict[str, MergeMethod] = {
 
 
 def merge_tensor(method: str, tensors: list[Tensor], weights: list[float], densities: list[float],
-                 base: Tensor | None, params: dict, name: str = "") -> Tensor:
+                 base: Tensor | None, params: dict, name: str = "", labels: list[str] | None = None) -> Tensor:
     """Merge one tensor (the same name in every model) with a registered method.
 
     Args:
@@ -94,6 +95,11 @@ def merge_tensor(method: str, tensors: list[Tensor], weights: list[float], densi
         base: the base model's tensor (None for methods without a base).
         params: method parameters (normalize, lambda, t, seed).
         name: the tensor's name (seeds DARE's masks).
+        labels: how errors name the models (default "model 0", "model 1", ...).
+
+    Raises:
+        ValueError: unknown method, a weight or density list of another length than the models,
+            tensors of different shapes (naming the tensor and both shapes), a non-finite result.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown merge method {method!r}; known: {sorted(METHODS)}")
@@ -102,4 +108,7 @@ def merge_tensor(method: str, tensors: list[Tensor], weights: list[float], densi
         raise ValueError(f"Merge method {method!r} needs a base model")
     if m.n_models is not None and len(tensors) != m.n_models:
         raise ValueError(f"Merge method {method!r} merges the base with exactly {m.n_models} model(s), got {len(tensors)}")
-    return m.fn(tensors, weights, densities, base, params, name)
+    weights = check_weights(weights, len(tensors), normalize=method == "linear" and params.get("normalize", True))
+    densities = check_weights(densities, len(tensors), "densities")
+    check_shapes(name, tensors, base, labels)
+    return check_finite(name, m.fn(tensors, weights, densities, base, params, name))

@@ -8,15 +8,14 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from .linear import merge_linear
+from .lazy import merge_state_dicts
 
 StateDict = dict[str, Tensor]
 
 
 def uniform_soup(state_dicts: list[StateDict]) -> StateDict:
     """The mean of every floating tensor (other tensors from the first model)."""
-    return {k: merge_linear([sd[k] for sd in state_dicts]) if v.is_floating_point() else v.clone()
-            for k, v in state_dicts[0].items()}
+    return merge_state_dicts("linear", state_dicts)
 
 
 def greedy_soup(state_dicts: list[StateDict], score: Callable[[StateDict], float]) -> tuple[StateDict, list[int]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .checks import check_weights
+
 
 def task_vector(tensor: Tensor, base: Tensor) -> Tensor:
     """τ = θ_ft − θ_base, in float32."""
@@ -21,6 +23,6 @@ def merge_task_arithmetic(base: Tensor, tensors: list[Tensor], weights: list[flo
         weights: one weight w_i per model (default 1 each).
         scale: λ, the scaling of the summed task vector (0 returns the base).
     """
-    weights = [1.0] * len(tensors) if weights is None else list(weights)
+    weights = check_weights(weights, len(tensors))
     tau = sum(w * task_vector(t, base) for w, t in zip(weights, tensors))
     return (base.float() + scale * tau).to(base.dtype)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .checks import check_weights
 from .task_arithmetic import task_vector
 
 
@@ -53,8 +54,7 @@ def merge_ties(base: Tensor, tensors: list[Tensor], weights: list[float] | None 
         density: fraction k of each task vector kept by the trim (the paper's default 0.2).
         scale: λ applied to the merged task vector (the paper uses 1 without validation).
     """
-    weights = torch.tensor([1.0] * len(tensors) if weights is None else list(weights), dtype=torch.float32,
-                           device=base.device)
+    weights = torch.tensor(check_weights(weights, len(tensors)), dtype=torch.float32, device=base.device)
     taus = torch.stack([trim_magnitude(task_vector(t, base), density) for t in tensors])  # (M, ...)
     weighted = taus * weights.view(-1, *[1] * base.ndim)
     gamma = elect_sign(weighted)
