@@ -85,3 +85,26 @@ def test_dead_inputs_are_zeroed():
     H = 2 * X.T @ X / X.shape[0]
     W_new, mask = sparsegpt_prune(W, H, 0.0)
     assert (W_new[:, 3] == 0).all() and not mask[:, 3].any()
+
+
+@pytest.mark.parametrize("cols", [62, 30])
+def test_nm_refuses_a_trailing_partial_group_as_magnitude_and_wanda_do(cols):
+    """A 2:4 pattern on 62 inputs would prune the last 2 entirely: refused, like nm_mask."""
+    from shrinklib.prune import nm_mask
+
+    W, _, H = _layer(cols=cols)
+    for prune in (lambda: sparsegpt_prune(W, H, n=2, m=4, blocksize=32), lambda: nm_mask(W.abs(), 2, 4)):
+        with pytest.raises(ValueError, match=f"input size {cols} is not a multiple of m=4"):
+            prune()
+    with pytest.raises(ValueError, match="blocksize 30 must be a multiple of m=4"):
+        sparsegpt_prune(*_layer(cols=64)[::2], n=2, m=4, blocksize=30)
+
+
+def test_prune_checks_every_layer_before_changing_any():
+    from shrinklib.prune import PruneConfig, prune_
+
+    model = make_picollama(hidden=30, heads=3, kv_heads=1, intermediate=64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="0.self_attn.q_proj: input size 30 is not a multiple of m=4"):
+        prune_(model, PruneConfig("sparsegpt", n=2, m=4), random_ids(2, 16), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

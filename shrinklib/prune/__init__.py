@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from ..arch import blocks, linears, named_linears
 from ..calib import BlockStep, collect_input_stats, sequential
-from .masks import is_nm, magnitude_mask, nm_mask, sparsity_of, wanda_mask, wanda_score
+from ..checks import check_fields
+from .masks import check_nm, is_nm, magnitude_mask, nm_mask, sparsity_of, wanda_mask, wanda_score
 from .sparsegpt import reconstruction_error, sparsegpt_prune
 
 
@@ -56,6 +57,7 @@ class PruneConfig:
     percdamp: float = 0.01
 
     def __post_init__(self):
+        check_fields(self)
         if self.method not in METHODS:
             raise ValueError(f"unknown pruning method {self.method!r}; known: {sorted(METHODS)}")
         if not 0.0 <= self.sparsity < 1.0:
@@ -84,6 +86,15 @@ def layer_mask(W: Tensor, config: PruneConfig, x_norm: Tensor | None = None) -> 
     return wanda_mask(W, x_norm, config.sparsity)
 
 
+def check_pattern_fits(model: nn.Module, config: PruneConfig) -> None:
+    """Every block linear's input size holds whole groups of an N:M pattern (ValueError naming the layer)."""
+    for name, lin in named_linears(model).items() if config.n else ():
+        try:
+            check_nm(lin.in_features, config.n, config.m, config.blocksize)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+
+
 @torch.no_grad()
 def prune_(model: nn.Module, config: PruneConfig, calib_ids: Tensor | None = None, device=None,
            batch_size: int = 8, progress: bool = True) -> dict[str, float]:
@@ -99,6 +110,7 @@ def prune_(model: nn.Module, config: PruneConfig, calib_ids: Tensor | None = Non
         device: compute device for one block at a time (default: the model's).
     """
     method = METHODS[config.method]
+    check_pattern_fits(model, config)  # before any layer changes
     errors: dict[str, float] = {}
     if not method.needs_calibration:
         for name, lin in named_linears(model).items():

@@ -60,6 +60,18 @@ def wanda_mask(W: Tensor, x_norm: Tensor, sparsity: float) -> Tensor:
     return _keep_largest(wanda_score(W, x_norm), int(W.shape[1] * sparsity))
 
 
+def check_nm(cols: int, n: int, m: int, blocksize: int | None = None) -> None:
+    """An N:M pattern fits `cols` inputs: 0 < n ≤ m and whole groups (no partial group at the end),
+    none straddling two of SparseGPT's blocks of `blocksize` columns."""
+    if not 0 < n <= m:
+        raise ValueError(f"N:M needs 0 < n ≤ m, got {n}:{m}")
+    if cols % m:
+        raise ValueError(f"input size {cols} is not a multiple of m={m}: the last group of {cols % m} inputs "
+                         f"cannot hold the {n}:{m} pattern; use an m that divides {cols}, or unstructured sparsity")
+    if blocksize is not None and blocksize % m:
+        raise ValueError(f"blocksize {blocksize} must be a multiple of m={m} (a group may not straddle two blocks)")
+
+
 def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
     """N:M mask: in every group of m consecutive inputs of a row, keep the n highest scores.
 
@@ -68,11 +80,8 @@ def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
         n: weights kept per group (2 for 2:4).
         m: group size.
     """
-    if not 0 < n <= m:
-        raise ValueError(f"N:M needs 0 < n ≤ m, got {n}:{m}")
     out, cols = score.shape
-    if cols % m:
-        raise ValueError(f"input size {cols} is not a multiple of m={m}")
+    check_nm(cols, n, m)
     groups = score.float().reshape(out, cols // m, m)  # (out, groups, m)
     return _keep_largest(groups, m - n).reshape(out, cols)
 

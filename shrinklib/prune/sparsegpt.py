@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .masks import check_nm
+
 
 def inverse_hessian_cholesky(H: Tensor, percdamp: float = 0.01) -> tuple[Tensor, Tensor]:
     """Upper Cholesky factor of (H + λI)⁻¹, λ = percdamp · mean diag(H); also the dead inputs."""
@@ -35,6 +37,8 @@ def sparsegpt_prune(W: Tensor, H: Tensor, sparsity: float = 0.5, n: int = 0, m: 
     """
     W = W.clone().float()  # (out, in)
     rows, cols = W.shape
+    if n:
+        check_nm(cols, n, m, blocksize)  # as magnitude and Wanda: no partial group at the end
     Hinv, dead = inverse_hessian_cholesky(H, percdamp)  # (in, in), upper
     W[:, dead] = 0
     mask = torch.ones_like(W, dtype=torch.bool)
