@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .arch import blocks, layout, linears
+from .checks import check_device, check_token_ids
 
 
 class _Stop(Exception):
@@ -78,6 +79,7 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor) -> tuple[Tensor, d
         kwargs: the other arguments of the block call (position embeddings, masks), captured
             for one sequence; they broadcast over the batch.
     """
+    check_token_ids(input_ids, model, what="calibration input_ids")
     device = next(model.parameters()).device
     captured = [block_inputs(model, 0, input_ids=row[None].to(device)) for row in input_ids]
     return torch.cat([h for h, _ in captured]), {**captured[0][1], "use_cache": False}
@@ -194,7 +196,7 @@ def sequential(
     """
     layout(model)  # fail early, with the adapter's message, on an unsupported model
     home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
+    device = check_device(device) if device is not None else home
     hidden, kwargs = capture_block_inputs(model, input_ids)
     for i, block in enumerate(tqdm(blocks(model), desc=desc, disable=not progress)):
         block.to(device)

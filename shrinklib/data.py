@@ -45,6 +45,12 @@ class Corpus:
 
     name: str
     parts: dict[str, list[Document]]
+    origin: str = ""  # where the documents came from (a text file's path), for messages
+
+    def describe(self, split: str) -> str:
+        """"the 'eval' split of corpus 'notes' (notes.txt, 3 documents in all)", for messages."""
+        total = sum(len(docs) for docs in self.parts.values())
+        return f"the {split!r} split of corpus {self.name!r} ({self.origin + ', ' if self.origin else ''}{total} documents in all)"
 
     def text(self, split: str, source: str | None = None) -> str:
         """All documents of a split (optionally of one source) joined by blank lines."""
@@ -52,7 +58,10 @@ class Corpus:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         docs = [d for d in self.parts[split] if source is None or d.source == source]
         if not docs:
-            raise ValueError(f"No documents in split {split!r} with source {source!r}")
+            of = f" with source {source!r}" if source is not None else ""
+            raise ValueError(f"{self.describe(split)} has no documents{of}: documents go to the calib, train and eval "
+                             f"splits by a hash of their name (about {CALIB_BUCKETS}/{N_BUCKETS}, 16/{N_BUCKETS} and "
+                             f"{EVAL_BUCKETS}/{N_BUCKETS}); use a longer corpus (more paragraphs)")
         return "\n\n".join(d.text for d in docs)
 
     def tokens(self, tokenizer, split: str, source: str | None = None, max_tokens: int | None = None) -> Tensor:
@@ -132,9 +141,12 @@ def python_docs_corpus() -> Corpus:
 
 
 
-def _hf_dataset(path: str, name: str | None = None, **kw):
+def _hf_dataset(path: str, name: str | None = None, progress: bool = True, **kw):
     import datasets
 
+    quiet = not progress and not datasets.utils.are_progress_bars_disabled()
+    if quiet:
+        datasets.utils.disable_progress_bars()
     try:
         return datasets.load_dataset(path, name, **kw)
     except (ConnectionError, FileNotFoundError, OSError, ValueError) as err:
@@ -145,6 +157,9 @@ def _hf_dataset(path: str, name: str | None = None, **kw):
             "(it is cached under ~/.cache/huggingface), or pass a local text file as the corpus. "
             f"Cause: {err}"
         ) from err
+    finally:
+        if quiet:
+            datasets.utils.enable_progress_bars()
 
 
 def _docs(rows, source: str, prefix: str, field: str = "text") -> list[Document]:
@@ -187,8 +202,12 @@ def text_file_corpus(path: str | Path) -> Corpus:
     path = Path(path)
     if not path.is_file():
         raise CorpusNotFoundError(f"No text file at {path}")
-    ds = _hf_dataset("text", data_files=str(path), sample_by="paragraph")
-    return _split(path.stem, _docs(ds["train"], path.stem, path.stem))
+    if not path.read_text(encoding="utf-8", errors="replace").strip():
+        raise ValueError(f"corpus file {path} is empty; give a text file of paragraphs separated by blank lines")
+    ds = _hf_dataset("text", data_files=str(path), progress=False, sample_by="paragraph")  # a local file: no bar
+    corpus = _split(path.stem, _docs(ds["train"], path.stem, path.stem))
+    corpus.origin = str(path)
+    return corpus
 
 
 CORPORA = {"pydoc": python_docs_corpus, "wikitext2": wikitext2_corpus, "c4": c4_corpus}
@@ -203,14 +222,18 @@ def load_corpus(name: str = "pydoc") -> Corpus:
     raise CorpusNotFoundError(f"Unknown corpus {name!r}: use one of {sorted(CORPORA)} or a path to a text file")
 
 
-def sample_windows(ids: Tensor, n: int, seq_len: int, seed: int = 0) -> Tensor:
+def sample_windows(ids: Tensor, n: int, seq_len: int, seed: int = 0, what: str = "the text") -> Tensor:
     """`n` windows of `seq_len` tokens at reproducible random offsets of a 1-D id tensor.
+
+    Args:
+        what: names the text in errors (e.g. `corpus.describe("calib")`).
 
     Returns:
         (n, seq_len) token ids (the GPTQ paper's calibration: random segments).
     """
     if ids.numel() <= seq_len:
-        raise ValueError(f"Need more than seq_len={seq_len} tokens, the text has {ids.numel()}")
+        raise ValueError(f"Need more than seq_len={seq_len} tokens, {what} has {ids.numel()}; use a longer "
+                         "corpus or a shorter seq_len")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=g)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
@@ -218,4 +241,4 @@ def sample_windows(ids: Tensor, n: int, seq_len: int, seed: int = 0) -> Tensor:
 
 def calibration_batch(corpus: Corpus, tokenizer, n: int = 32, seq_len: int = 256, seed: int = 0, source=None) -> Tensor:
     """`n` calibration sequences of `seq_len` tokens drawn from the calibration part. (n, seq_len)."""
-    return sample_windows(corpus.tokens(tokenizer, "calib", source), n, seq_len, seed)
+    return sample_windows(corpus.tokens(tokenizer, "calib", source), n, seq_len, seed, corpus.describe("calib"))

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .checks import check_field, check_token_ids, context_length
+
 EVAL_TOKENS = 4096  # default evaluation budget: the first 4096 tokens of the evaluation part
 EVAL_SEQ_LEN = 512  # default window length
 
@@ -52,7 +54,7 @@ def perplexity(
         ids: (N,) token ids, e.g. `corpus.tokens(tok, "eval")`.
         max_tokens: use only the first `max_tokens` ids (None: all).
     """
-    ids = ids[:max_tokens] if max_tokens else ids
+    ids = _evaluation_ids(model, ids, seq_len, max_tokens)  # checked, first max_tokens
     device = next(model.parameters()).device
     wins = windows(ids, seq_len)
     total_nll, total_n = 0.0, 0
@@ -66,6 +68,21 @@ def perplexity(
             total_n += x[:, 1:].numel()
     mean = total_nll / total_n
     return Perplexity(math.exp(mean), mean, total_n)
+
+
+def _evaluation_ids(model: nn.Module, ids: Tensor, seq_len: int, max_tokens: int | None) -> Tensor:
+    """The first `max_tokens` ids, after checking them and the window against the model."""
+    check_field("perplexity", "seq_len", seq_len, int)
+    check_field("perplexity", "max_tokens", max_tokens, int | None)
+    if seq_len < 2 or (max_tokens is not None and max_tokens < 0):
+        raise ValueError(f"perplexity: seq_len must be ≥ 2 (a window predicts all but its first token) and max_tokens "
+                         f"≥ 0 or None, got {seq_len}, {max_tokens}")
+    ids = ids[:max_tokens] if max_tokens else ids
+    check_token_ids(ids, model, ndim=1, min_len=2, what="evaluation ids")
+    context = context_length(model)
+    if context is not None and min(seq_len, ids.numel()) > context:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's context of {context} tokens; use seq_len ≤ {context}")
+    return ids
 
 
 def _by_length(group: list[Tensor]) -> list[list[Tensor]]:

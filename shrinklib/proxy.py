@@ -12,27 +12,13 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
+from .checks import (TokenizerMismatchError, VocabularyMismatchError, check_same_tokenizer, check_shared_vocabulary,
+                     check_token_ids, vocab_size)
 from .tasks import Example, exact_match, format_prompt
 
-
-class TokenizerMismatchError(ValueError):
-    """The models of a proxy-tuning triple do not share one tokenizer."""
-
-
-def check_same_tokenizer(*tokenizers) -> None:
-    """Raise TokenizerMismatchError unless every tokenizer maps the same strings to the same ids."""
-    ref = tokenizers[0].get_vocab()
-    for i, tok in enumerate(tokenizers[1:], start=1):
-        vocab = tok.get_vocab()
-        if vocab == ref:
-            continue
-        diff = sorted(set(vocab.items()) ^ set(ref.items()), key=lambda kv: kv[1])[:3]
-        raise TokenizerMismatchError(
-            f"Proxy tuning adds logits token by token, so all models must share one tokenizer: "
-            f"tokenizer {i} ({getattr(tok, 'name_or_path', '?')}, {len(vocab)} tokens) differs from "
-            f"tokenizer 0 ({getattr(tokenizers[0], 'name_or_path', '?')}, {len(ref)} tokens), "
-            f"e.g. {diff}. Use a small pair from the large model's family (same vocabulary)."
-        )
+__all__ = ["ProxyTuningLogitsProcessor", "TokenizerMismatchError", "VocabularyMismatchError", "check_same_tokenizer",
+           "gap_closed", "proxy_generate_answers", "proxy_logits", "proxy_task_accuracy"]
+USE = "Proxy tuning (it adds logits token by token)"
 
 
 def proxy_logits(large: Tensor, tuned: Tensor, untuned: Tensor, alpha: float = 1.0) -> Tensor:
@@ -79,18 +65,25 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
 
     Args:
         tuned, untuned: the small model after and before tuning (the "expert" and "anti-expert").
-        tokenizers: optional tokenizers of (large, tuned, untuned), checked to be identical.
+        tokenizers: optional tokenizers of (large, tuned, untuned), checked to be identical. Without
+            them the three vocabulary sizes must be equal (the large one is read from the first
+            scores); with them, sizes that differ by padding rows are accepted.
         pad_token_id: the padding id of left-padded batches (None: no padding).
     """
 
     def __init__(self, tuned: nn.Module, untuned: nn.Module, alpha: float = 1.0, tokenizers=None,
                  pad_token_id: int | None = None):
-        if tokenizers is not None:
-            check_same_tokenizer(*tokenizers)
+        self.sizes = {"small tuned": vocab_size(tuned), "small untuned": vocab_size(untuned)}
+        self.tokenizers, self.large_size = tokenizers, None  # the large model's size: from its first scores
+        check_shared_vocabulary(self.sizes, tokenizers, USE)
         self.tuned, self.untuned = _Follower(tuned, pad_token_id), _Follower(untuned, pad_token_id)
         self.alpha = alpha
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.large_size != scores.shape[-1]:
+            check_shared_vocabulary({"large": scores.shape[-1], **self.sizes}, self.tokenizers, USE)
+            self.large_size = scores.shape[-1]
+        check_token_ids(input_ids, vocab=min(v for v in self.sizes.values() if v), what="proxy tuning's input_ids")
         return proxy_logits(scores, self.tuned.logits(input_ids), self.untuned.logits(input_ids), self.alpha)
 
 

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
 
+from .checks import check_shared_vocabulary, check_token_ids, vocab_size
+
 
 def probs_from_logits(logits: Tensor, temperature: float) -> Tensor:
     """Next-token distributions (..., V): softmax(logits / T), or one-hot argmax for T = 0."""
@@ -85,19 +87,32 @@ def _next(model: nn.Module, x: Tensor, cache: DynamicCache) -> Tensor:
     return model(input_ids=x, past_key_values=cache, use_cache=True).logits
 
 
+def check_pair(target: nn.Module, draft: nn.Module, input_ids: Tensor, tokenizers=None) -> None:
+    """The draft proposes token ids the target scores, so both have one vocabulary (one size;
+    `tokenizers` (target's, draft's), when given, must be identical), and the prompt is (1, n)
+    ids of that vocabulary within the target's context."""
+    check_shared_vocabulary({"target": vocab_size(target), "draft": vocab_size(draft)}, tokenizers,
+                            "Speculative decoding (the target scores the draft's token ids)", allow_padding=False)
+    check_token_ids(input_ids, target, what="input_ids")
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"speculative decoding takes one prompt, shape (1, n); got {tuple(input_ids.shape)}")
+
+
 @torch.no_grad()
 def speculative_generate(target: nn.Module, draft: nn.Module, input_ids: Tensor, max_new_tokens: int, gamma: int = 4,
                          temperature: float = 0.0, eos_token_id: int | None = None,
-                         generator: torch.Generator | None = None) -> SpeculativeOutput:
+                         generator: torch.Generator | None = None, tokenizers=None) -> SpeculativeOutput:
     """Decode with a draft proposing `gamma` tokens and the target verifying them in one pass.
 
     Args:
         input_ids: (1, n) prompt (batch size 1).
         temperature: 0 for greedy (exactly the target's greedy tokens), else sampling.
         generator: the random generator for sampling and acceptance draws.
+        tokenizers: optional (target's, draft's) tokenizers, checked to be one tokenizer.
     """
-    if input_ids.shape[0] != 1 or gamma < 1 or max_new_tokens < 1:
-        raise ValueError("speculative_generate needs a (1, n) prompt, gamma ≥ 1 and max_new_tokens ≥ 1")
+    check_pair(target, draft, input_ids, tokenizers)
+    if gamma < 1 or max_new_tokens < 1:
+        raise ValueError(f"speculative_generate needs gamma ≥ 1 and max_new_tokens ≥ 1, got {gamma}, {max_new_tokens}")
     ids, n0 = input_ids, input_ids.shape[1]
     t_cache, d_cache = DynamicCache(), DynamicCache()
     out = SpeculativeOutput(ids)

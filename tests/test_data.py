@@ -61,6 +61,23 @@ def test_sample_windows_reproducible_and_in_range():
         sample_windows(torch.arange(10), 1, 64)
 
 
+def test_empty_or_short_corpus_files_name_the_file_and_the_split(tmp_path, tok):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match=f"corpus file {empty} is empty"):
+        load_corpus(str(empty))
+    short = tmp_path / "short.txt"
+    short.write_text("One paragraph.\n\nAnother paragraph.\n")
+    c = load_corpus(str(short))
+    empty_split = next(s for s in data.SPLITS if not c.parts[s])
+    with pytest.raises(ValueError, match=f"the '{empty_split}' split of corpus 'short' \\({short}, 2 documents in all\\) "
+                                         "has no documents"):
+        c.tokens(tok, empty_split)
+    c.parts["calib"] = c.parts["calib"] or c.parts["train"]
+    with pytest.raises(ValueError, match=f"Need more than seq_len=64 tokens, the 'calib' split of corpus 'short'"):
+        data.calibration_batch(c, tok, 1, 64)
+
+
 def test_local_text_file_through_datasets(tmp_path):
     paragraphs = [f"Paragraph number {i} says something distinct." for i in range(60)]
     path = tmp_path / "notes.txt"

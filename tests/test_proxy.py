@@ -78,3 +78,30 @@ def test_mismatched_tokenizers_raise_clearly():
 def test_gap_closed():
     assert gap_closed(0.1, 0.5, 0.6) == pytest.approx(0.8)
     assert gap_closed(0.0, 0.0, 0.0) != gap_closed(0.0, 0.0, 0.0)  # undefined: NaN
+
+
+def test_a_small_pair_of_another_vocabulary_is_refused():
+    """Without tokenizers the sizes must agree (no silent offset on the first V logits)."""
+    from shrinklib.proxy import VocabularyMismatchError
+
+    large, small = make_picollama(0, vocab=V), make_picollama(1, vocab=V - 8, layers=1)
+    x = random_ids(1, 5, V - 8, 0)
+    proc = ProxyTuningLogitsProcessor(small, small)
+    with torch.no_grad(), pytest.raises(VocabularyMismatchError, match=f"the large {V}, the small tuned {V - 8}"):
+        proc(x, large(x).logits[:, -1])
+    with pytest.raises(VocabularyMismatchError, match="vocabulary sizes differ"):
+        ProxyTuningLogitsProcessor(small, make_picollama(2, vocab=V, layers=1))
+    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with pytest.raises(VocabularyMismatchError):
+        large.generate(x, logits_processor=LogitsProcessorList([proc]), **kw)
+
+
+def test_padded_vocabularies_of_one_tokenizer_are_accepted_with_the_tokenizers():
+    words = ["<unk>"] + [f"w{i}" for i in range(V - 9)]  # V - 8 ids: the small pair's padding-free size
+    tok = _tokenizer(words)
+    large, small = make_picollama(0, vocab=V), make_picollama(1, vocab=V - 8, layers=1)
+    x = random_ids(1, 5, V - 8, 0)
+    proc = ProxyTuningLogitsProcessor(small, small, tokenizers=(tok, tok, tok))
+    with torch.no_grad():
+        scores = large(x).logits[:, -1]
+        assert torch.equal(proc(x, scores), scores)  # tuned == untuned: the large scores, padded rows untouched

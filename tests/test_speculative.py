@@ -126,3 +126,15 @@ def test_speedup_table_rows(pair):
     rows = speedup_table(target, draft, [random_ids(1, 5, V, s) for s in range(2)], [1, 3], max_new_tokens=8)
     assert [r["gamma"] for r in rows] == [1, 3] and all(r["exact"] for r in rows)
     assert all(1 <= r["tokens_per_target_call"] <= r["gamma"] + 1 for r in rows)
+
+
+def test_a_draft_of_another_vocabulary_is_refused_up_front(pair):
+    """An IndexError deep in the acceptance rule before; now the two sizes, as transformers checks them."""
+    from shrinklib.checks import VocabularyMismatchError
+
+    target, _ = pair
+    other = make_picollama(1, vocab=V - 16, layers=1)
+    with pytest.raises(VocabularyMismatchError, match=f"the target {V}, the draft {V - 16} tokens"):
+        speculative_generate(target, other, random_ids(1, 4, V - 16, 0), 4)
+    with pytest.raises(ValueError, match=r"one prompt, shape \(1, n\); got \(2, 4\)"):
+        speculative_generate(target, target, random_ids(2, 4, V, 0), 4)

@@ -22,6 +22,7 @@ import time
 
 from torch import Tensor, nn
 
+from ..checks import check_not_quantized
 from .apply import awq_, gptq_, quant_layers, rtn_, smoothquant_
 from .awq import awq_search_clip, awq_search_scale
 from .checkpoint import load_quantized, save_quantized
@@ -53,6 +54,7 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
         device: compute device for layer-wise calibration (default: the model's).
     """
     t0 = time.perf_counter()
+    check_not_quantized(model, f"quantize_ with {type(config).__name__}")
     if isinstance(config, RTNConfig):
         rtn_(model, config, pack, progress)
     elif isinstance(config, (GPTQConfig, AWQConfig)):
