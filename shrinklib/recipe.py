@@ -12,10 +12,14 @@
 Each step is a registered function with a typed config (a dataclass validated in
 `__post_init__`). `load_recipe` checks every step name, every field name and type, the
 libraries each step calls (imported lazily, so a missing function is reported here, not
-halfway through a run), and the order of steps (nothing trains or prunes packed integer
-layers; Q4 GGUF needs a ≤ 4-bit grid with groups of 32k). Errors name the step and the field.
-`run_recipe` then applies the steps with progress bars and returns one row per step (size,
-perplexity, seconds); `summary_table` formats them.
+halfway through a run), the order of steps (nothing trains or prunes packed integer layers;
+Q4 GGUF needs a ≤ 4-bit grid with groups of 32k), export names (plain names inside --out, no
+two alike) and keys given twice. Errors name the step and the field. `prepare_run` then checks
+what the recipe meets, still before any work and without loading the weights: the device,
+--out, the model's config and shapes (built on the meta device), the corpus and its splits.
+`run_recipe` applies the steps with progress bars into a temporary folder that becomes --out
+only when every step succeeded, and returns one row per step (size, perplexity, seconds);
+`summary_table` formats them.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ import contextlib
 import copy
 import importlib
 import json
+import os
 import time
-import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -34,9 +38,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import check_fields, check_plain_name, load_yaml, type_name, type_ok
+
 
 class RecipeError(ValueError):
     """A recipe is malformed: unknown step, unknown or badly typed field, impossible order."""
+
+
+class StepFailed(RuntimeError):
+    """A step raised while the recipe ran; the message names the step and the cause."""
 
 
 # ----------------------------------------------------------------------------- step configs
@@ -51,6 +61,7 @@ class MinitronDepthConfig:
     iterative: bool = False
 
     def __post_init__(self):
+        check_fields(self)
         if self.n_drop < 1:
             raise ValueError(f"n_drop must be ≥ 1, got {self.n_drop}")
         if self.metric not in ("ppl", "cosine"):
@@ -66,6 +77,7 @@ class MinitronWidthConfig:
     heads_per_group: int | None = None
 
     def __post_init__(self):
+        check_fields(self)
         if all(v is None for v in (self.hidden, self.intermediate, self.heads_per_group)):
             raise ValueError("give at least one of hidden, intermediate, heads_per_group")
         for k in ("hidden", "intermediate", "heads_per_group"):
@@ -85,6 +97,7 @@ class DistillStepConfig:
     temperature: float = 1.0
 
     def __post_init__(self):
+        check_fields(self)
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError(f"steps, batch_size ≥ 1 and seq_len ≥ 2 needed, got {self.steps}, {self.batch_size}, {self.seq_len}")
         if self.lr <= 0:
@@ -100,6 +113,9 @@ class PruneStepConfig:
     n: int = 0
     m: int = 0
 
+    def __post_init__(self):
+        check_fields(self)
+
 
 @dataclass(frozen=True)
 class QuantStepConfig:
@@ -111,6 +127,7 @@ class QuantStepConfig:
     pack: bool = True  # store packed integer codes (QuantLinear); False: write dequantized floats back
 
     def __post_init__(self):
+        check_fields(self)
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be in 2..8, got {self.bits}")
         if self.group_size is not None and self.group_size < 1:
@@ -124,8 +141,19 @@ class EvaluateStepConfig:
     eval_tokens: int = 4096
 
     def __post_init__(self):
+        check_fields(self)
         if self.eval_tokens < 2:
             raise ValueError(f"eval_tokens must be ≥ 2, got {self.eval_tokens}")
+
+
+RESERVED_NAMES = ("summary.json", "summary.md", "FAILED.txt")  # files a recipe run writes into --out
+
+
+def check_export_name(name) -> None:
+    """An export's `name` is a plain relative name inside --out (not absolute, no '..', not empty)."""
+    check_plain_name(name, "name")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"name {name!r} is the recipe's own {name}; choose another name")
 
 
 @dataclass(frozen=True)
@@ -135,6 +163,13 @@ class ExportSafetensorsStepConfig:
     name: str = "model"
     packed: bool = False
     check: bool = True  # reload and compare logits
+
+    def __post_init__(self):
+        check_fields(self)
+        check_export_name(self.name)
+
+    def target(self) -> str:
+        return self.name
 
 
 @dataclass(frozen=True)
@@ -148,12 +183,17 @@ class ExportGGUFStepConfig:
     check: bool = True
 
     def __post_init__(self):
+        check_fields(self)
         from .export import GGUF_FORMATS
 
+        check_export_name(self.name)
         if self.format not in GGUF_FORMATS:
             raise ValueError(f"format must be one of {GGUF_FORMATS}, got {self.format!r}")
         if self.embed_type is not None and self.embed_type not in GGUF_FORMATS[:3]:
             raise ValueError(f"embed_type must be one of {GGUF_FORMATS[:3]} or null, got {self.embed_type!r}")
+
+    def target(self) -> str:
+        return f"{self.name}.{self.format}.gguf"
 
 
 @dataclass(frozen=True)
@@ -164,6 +204,7 @@ class CalibrationConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_fields(self)
         if self.n < 1 or self.seq_len < 2:
             raise ValueError(f"n ≥ 1 and seq_len ≥ 2 needed, got {self.n}, {self.seq_len}")
 
@@ -172,6 +213,13 @@ class CalibrationConfig:
 class EvaluationConfig:
     eval_tokens: int = 4096  # perplexity after every step on this many evaluation tokens (0: off)
     seq_len: int = 512
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.eval_tokens < 0 or self.eval_tokens == 1:
+            raise ValueError(f"eval_tokens must be 0 (off) or ≥ 2, got {self.eval_tokens}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be ≥ 2 (a window predicts all but its first token), got {self.seq_len}")
 
 
 # ----------------------------------------------------------------------------- the registry
@@ -222,6 +270,7 @@ class State:
     device: str = "cpu"
     teacher: nn.Module | None = None
     progress: bool = True
+    eval_seq_len: int = 512  # perplexity window (the recipe's evaluation.seq_len)
     notes: list = field(default_factory=list)  # what the current step reports (exports, perplexity)
     _corpus: object = None
     _calib: torch.Tensor | None = None
@@ -265,7 +314,7 @@ def _distill(state: State, c: DistillStepConfig) -> None:
     kd = _need("shrinklib.distill:KDConfig")(divergence=c.divergence, temperature=c.temperature)
     loss_fn = _need("shrinklib.distill:kd_loss_fn")(state.teacher, kd)
     ids = sample_windows(state.corpus.tokens(state.tokenizer, "train"), c.steps * c.batch_size, c.seq_len,
-                         state.calibration.seed)  # (steps·b, L)
+                         state.calibration.seed, state.corpus.describe("train"))  # (steps·b, L)
     cfg = _need("shrinklib.train:TrainConfig")(steps=c.steps, lr=c.lr, progress=state.progress, seed=state.calibration.seed)
     hist = _need("shrinklib.train:train")(state.model, lambda i: {"input_ids": ids[i * c.batch_size : (i + 1) * c.batch_size]},
                                           loss_fn, cfg)
@@ -303,7 +352,7 @@ register("awq", QuantStepConfig, ("shrinklib.quant:quantize_", "shrinklib.quant:
 
 @register("evaluate", EvaluateStepConfig, kind="evaluate")
 def _evaluate(state: State, c: EvaluateStepConfig) -> None:
-    state.notes.append(f"ppl {_perplexity(state, c.eval_tokens):.3f} on {c.eval_tokens} tokens")
+    state.notes.append(f"ppl {_perplexity(state, c.eval_tokens, state.eval_seq_len):.3f} on {c.eval_tokens} tokens")
 
 
 @register("export_safetensors", ExportSafetensorsStepConfig, kind="export")
@@ -330,7 +379,7 @@ def _report_export(state: State, r) -> None:
         raise RuntimeError(f"export check failed: {r}")
 
 
-# ----------------------------------------------------------------------------- validation
+# ----------------------------------------------------------------------------- validation of the recipe
 
 
 @dataclass(frozen=True)
@@ -339,23 +388,7 @@ class Recipe:
     steps: tuple[tuple[str, object], ...]  # (step name, validated config)
     calibration: CalibrationConfig = CalibrationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
-
-
-def _type_ok(value, annotation) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    return True
+    warnings: tuple[str, ...] = ()  # odd but possible choices, printed before a run
 
 
 def build_config(cls: type, params: dict | None, where: str):
@@ -368,8 +401,8 @@ def build_config(cls: type, params: dict | None, where: str):
     for key, value in params.items():
         if key not in allowed:
             raise RecipeError(f"{where}: unknown field {key!r}; allowed fields: {', '.join(allowed)}")
-        if not _type_ok(value, hints[key]):
-            raise RecipeError(f"{where}: field {key!r} must be {_type_name(hints[key])}, got {value!r}")
+        if not type_ok(value, hints[key]):
+            raise RecipeError(f"{where}: field {key!r} must be {type_name(hints[key])}, got {value!r}")
     missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in params]
     if missing:
         raise RecipeError(f"{where}: missing field(s) {missing}")
@@ -377,10 +410,6 @@ def build_config(cls: type, params: dict | None, where: str):
         return cls(**params)
     except (ValueError, TypeError) as err:
         raise RecipeError(f"{where}: {err}") from err
-
-
-def _type_name(annotation) -> str:
-    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("NoneType", "null")
 
 
 def _split_step(i: int, item) -> tuple[str, dict]:
@@ -420,6 +449,27 @@ def validate_order(steps: list[tuple[str, object]]) -> None:
                                   "has symmetric: false; use Q4_1 or symmetric: true")
 
 
+def validate_exports(steps: list[tuple[str, object]]) -> list[str]:
+    """Refuse two exports writing the same path; warn of an export that comes before the last
+    quantization step when no later step exports the quantized model. Returns the warnings."""
+    seen: dict[str, int] = {}
+    for i, (name, c) in enumerate(steps, 1):
+        if STEPS[name].kind == "export":
+            if c.target() in seen:
+                raise RecipeError(f"step {i} '{name}' writes {c.target()!r} in --out, as step {seen[c.target()]} "
+                                  "does; give one of them another name")
+            seen[c.target()] = i
+    kinds = [STEPS[name].kind for name, _ in steps]
+    if "quantize" not in kinds or "export" not in kinds:
+        return []
+    last_quant = max(i for i, k in enumerate(kinds) if k == "quantize")
+    last_export = max(i for i, k in enumerate(kinds) if k == "export")
+    if last_export > last_quant:
+        return []
+    return [f"step {last_export + 1} '{steps[last_export][0]}' exports the model before step {last_quant + 1} "
+            f"'{steps[last_quant][0]}' quantizes it, and no later step exports the quantized model"]
+
+
 def parse_recipe(data: dict) -> Recipe:
     """Validate a recipe given as a dict (the parsed YAML); raises RecipeError naming step and field."""
     if not isinstance(data, dict):
@@ -442,54 +492,217 @@ def parse_recipe(data: dict) -> Recipe:
                 _need(ref)
             except RecipeError as err:
                 raise RecipeError(f"step {i} '{name}' {err}") from err
-        if spec.kind == "quantize":
-            try:
-                _quant_config(name, config)  # the library's own checks (e.g. group sizes it refuses)
-            except (ValueError, TypeError) as err:
-                raise RecipeError(f"step {i} '{name}': {err}") from err
-        if name == "prune":
-            try:
+        try:  # the library's own configs check what the step configs pass on
+            if spec.kind == "quantize":
+                _quant_config(name, config)
+            elif name == "prune":
                 _need("shrinklib.prune:PruneConfig")(method=config.method, sparsity=config.sparsity, n=config.n, m=config.m)
-            except ValueError as err:
-                raise RecipeError(f"step {i} 'prune': {err}") from err
-        if name == "distill":
-            try:
+            elif name == "distill":
                 _need("shrinklib.distill:KDConfig")(divergence=config.divergence, temperature=config.temperature)
-            except ValueError as err:
-                raise RecipeError(f"step {i} 'distill': {err}") from err
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"step {i} '{name}': {err}") from err
         steps.append((name, config))
     validate_order(steps)
+    warnings = validate_exports(steps)
     return Recipe(str(data.get("name", "recipe")), tuple(steps),
                   build_config(CalibrationConfig, data.get("calibration"), "calibration"),
-                  build_config(EvaluationConfig, data.get("evaluation"), "evaluation"))
+                  build_config(EvaluationConfig, data.get("evaluation"), "evaluation"), tuple(warnings))
 
 
 def load_recipe(path_or_text: str | Path) -> Recipe:
-    """Parse and validate a YAML recipe from a file path or a YAML string."""
+    """Parse and validate a YAML recipe from a file path or a YAML string (a key given twice in
+    one mapping is refused)."""
     import yaml
 
     text = str(path_or_text)
     path = Path(text) if "\n" not in text and len(text) < 4096 else None
+    if path is not None and path.is_dir():
+        raise RecipeError(f"recipe {path} is a folder; give a YAML file (see shrinklib/recipes/)")
     if path is not None and (path.suffix in (".yaml", ".yml", ".json") or path.is_file()):
         if not path.is_file():
             raise RecipeError(f"recipe file {path} not found")
         text = path.read_text()
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text, "recipe")
     except yaml.YAMLError as err:
-        raise RecipeError(f"recipe is not valid YAML: {err}") from err
+        raise RecipeError("recipe is not valid YAML: " + " ".join(str(err).split())) from err
+    except ValueError as err:
+        raise RecipeError(str(err)) from err
     return parse_recipe(data)
 
 
+# ----------------------------------------------------------------------------- validation against the model, corpus, device and --out
+
+
+CALIBRATED = ("minitron_depth", "minitron_width", "prune", "gptq", "awq")  # steps that read calibration sequences
+
+
+def _input_sizes(model: nn.Module) -> dict[str, set[int]]:
+    """Input sizes of the block linears by role (attn_in, attn_out, mlp_in, mlp_out)."""
+    from .arch import blocks, layout, linears
+
+    roles, sizes = layout(model).roles(), {}
+    for block in blocks(model):
+        for path, lin in linears(block).items():
+            sizes.setdefault(roles.get(path, path), set()).add(lin.in_features)
+    return sizes
+
+
+def _after_width(sizes: dict[str, set[int]], config, c: MinitronWidthConfig) -> dict[str, set[int]]:
+    """The input sizes after Minitron width pruning keeps c.hidden / c.intermediate / c.heads_per_group."""
+    sizes = dict(sizes)
+    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if c.hidden is not None:
+        sizes["attn_in"] = sizes["mlp_in"] = {min(c.hidden, v) for v in sizes["attn_in"]}
+    if c.intermediate is not None:
+        sizes["mlp_out"] = {min(c.intermediate, v) for v in sizes["mlp_out"]}
+    if c.heads_per_group is not None:
+        sizes["attn_out"] = {min(config.num_key_value_heads * c.heads_per_group * hd, v) for v in sizes["attn_out"]}
+    return sizes
+
+
+def _check_multiple(sizes: dict[str, set[int]], m: int, where: str, why: str, instead: str) -> None:
+    bad = sorted({v for vs in sizes.values() for v in vs if v % m})
+    if bad:
+        raise RecipeError(f"{where}: {why} needs every linear's input size to be a multiple of {m}, but this model "
+                          f"has input size(s) {bad}; {instead}")
+
+
+def _check_lengths(recipe: Recipe, context: int | None) -> None:
+    """Calibration, evaluation and distillation sequences fit the model's context."""
+    needs = splits_needed(recipe)
+    lengths = [(f"step {i} 'distill'", c.seq_len) for i, (n, c) in enumerate(recipe.steps, 1) if n == "distill"]
+    if "calib" in needs:
+        lengths.append(("calibration", recipe.calibration.seq_len))
+    if "eval" in needs:
+        lengths.append(("evaluation", recipe.evaluation.seq_len))
+    for where, length in lengths:
+        if context is not None and length > context:
+            raise RecipeError(f"{where}: seq_len={length} exceeds the model's context of {context} tokens "
+                              "(max_position_embeddings)")
+
+
 def check_model(recipe: Recipe, model: nn.Module) -> None:
-    """Checks that need the loaded model (its architecture), still before any step runs."""
+    """Checks that need the model (its config and shapes; a model on the meta device will do),
+    before any step runs: architecture, already quantized, layer counts, N:M and Q4 block sizes
+    against every linear's input size (after width pruning), sequence lengths within its context."""
+    from .checks import check_not_quantized, context_length
+
     model_type = getattr(model.config, "model_type", "?")
+    _check_lengths(recipe, context_length(model))
+    sizes = None
     for i, (name, c) in enumerate(recipe.steps, 1):
+        where = f"step {i} '{name}'"
         if name in ("minitron_depth", "minitron_width", "export_gguf") and model_type != "llama":
-            raise RecipeError(f"step {i} '{name}' needs a Llama-architecture model; this one is '{model_type}'")
+            raise RecipeError(f"{where} needs a Llama-architecture model; this one is '{model_type}'")
+        if STEPS[name].kind == "quantize":
+            try:
+                check_not_quantized(model, where)
+            except ValueError as err:
+                raise RecipeError(str(err)) from err
         if name == "minitron_depth" and c.n_drop >= model.config.num_hidden_layers:
-            raise RecipeError(f"step {i} 'minitron_depth': n_drop={c.n_drop} but the model has only "
+            raise RecipeError(f"{where}: n_drop={c.n_drop} but the model has only "
                               f"{model.config.num_hidden_layers} layers")
+        if name in ("prune", "export_gguf", "minitron_width") and sizes is None:
+            try:
+                sizes = _input_sizes(model)
+            except ValueError as err:
+                raise RecipeError(f"{where}: {err}") from err
+        if name == "minitron_width":
+            sizes = _after_width(sizes, model.config, c)
+        if name == "prune" and c.n:
+            _check_multiple(sizes, c.m, where, f"{c.n}:{c.m} pruning", "choose another pattern or unstructured sparsity")
+        if name == "export_gguf":
+            from .export import ExportError, check_llama_exportable
+
+            try:
+                check_llama_exportable(model)
+            except ExportError as err:
+                raise RecipeError(f"{where}: {err}") from err
+            if c.format in ("Q4_0", "Q4_1"):
+                _check_multiple(sizes, 32, where, f"format {c.format} (blocks of 32 inputs)", "use format Q8_0 or F16")
+
+
+def splits_needed(recipe: Recipe) -> dict[str, tuple[int, str]]:
+    """{corpus split: (tokens it must hold, what needs them)} for this recipe's steps."""
+    need: dict[str, tuple[int, str]] = {}
+
+    def add(split, n, why):
+        if n > need.get(split, (0, ""))[0]:
+            need[split] = (n, why)
+
+    for i, (name, c) in enumerate(recipe.steps, 1):
+        if name in CALIBRATED:
+            add("calib", recipe.calibration.seq_len + 1, f"step {i} '{name}' (calibration windows of "
+                f"{recipe.calibration.seq_len} tokens)")
+        if name == "distill":
+            add("train", c.seq_len + 1, f"step {i} 'distill' (windows of {c.seq_len} tokens)")
+        if name == "evaluate":
+            add("eval", 2, f"step {i} 'evaluate'")
+    if recipe.evaluation.eval_tokens:
+        add("eval", 2, "evaluation after every step")
+    return need
+
+
+def check_corpus(recipe: Recipe, corpus, tokenizer) -> None:
+    """Every split a step reads holds enough tokens (an empty or too-short corpus names the split)."""
+    for split, (n, why) in splits_needed(recipe).items():
+        try:
+            got = corpus.tokens(tokenizer, split).numel()
+        except ValueError as err:  # an empty split
+            raise RecipeError(f"{why}: {err}") from err
+        if got < n:
+            raise RecipeError(f"{corpus.describe(split)} has {got} tokens, but {why} needs at least {n}; use a "
+                              "longer corpus")
+
+
+def check_out(out: str | Path, overwrite: bool = False) -> Path:
+    """--out must be a folder that is absent, empty, a previous recipe output, or `overwrite`."""
+    from .io import TargetExistsError, check_folder_target
+
+    out = Path(out)
+    try:
+        check_folder_target(out, overwrite, "--out")
+    except TargetExistsError as err:
+        raise RecipeError(str(err).replace("pass overwrite=True", "pass --overwrite")) from err
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise RecipeError(f"--out {out}: cannot create it, {parent} is not a writable folder")
+    return out
+
+
+@dataclass
+class Prepared:
+    """What `prepare_run` checked and loaded without the weights: reused by the run."""
+
+    model: nn.Module  # the model itself, or its skeleton on the meta device
+    tokenizer: object
+    corpus: object | None
+
+
+def prepare_run(recipe: Recipe, model_id: str | None = None, out: str | Path = "compressed", device: str = "cpu",
+                overwrite: bool = False, model: nn.Module | None = None, tokenizer=None) -> Prepared:
+    """Everything `run_recipe` checks before any work, without loading the weights: the device,
+    --out, the model (its config and shapes, built on the meta device), the corpus and its splits.
+    `python -m shrinklib compress --dry-run` stops here."""
+    from .checks import check_device, vocab_size
+    from .data import load_corpus
+
+    check_device(device)
+    check_out(out, overwrite)
+    if model is None:
+        from .models import load_skeleton
+
+        model, tokenizer = load_skeleton(model_id)
+    check_model(recipe, model)
+    if tokenizer is not None and vocab_size(model) is not None and len(tokenizer) > vocab_size(model):
+        raise RecipeError(f"the model's tokenizer has {len(tokenizer):,} tokens but its vocabulary only "
+                          f"{vocab_size(model):,} rows: the tokenizer belongs to another model")
+    corpus = None
+    if splits_needed(recipe):
+        corpus = load_corpus(recipe.calibration.corpus)
+        check_corpus(recipe, corpus, tokenizer)
+    return Prepared(model, tokenizer, corpus)
 
 
 # ----------------------------------------------------------------------------- running
@@ -514,25 +727,43 @@ def _perplexity(state: State, eval_tokens: int, seq_len: int = 512) -> float:
 
 
 def run_recipe(recipe: Recipe, model_id: str | None = None, out: str | Path = "compressed", device: str = "cpu",
-               model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> list[StepResult]:
-    """Load the model (or use `model`/`tokenizer`), check the recipe against it, apply each step.
+               model: nn.Module | None = None, tokenizer=None, progress: bool = True,
+               overwrite: bool = False) -> list[StepResult]:
+    """Check everything (`prepare_run`), load the model (or use `model`/`tokenizer`), apply each step.
 
-    Returns one StepResult per step, preceded by the loaded model's ("input"); writes
-    `<out>/summary.json` and `<out>/summary.md`.
+    Returns one StepResult per step, preceded by the loaded model's ("input"). The exports and
+    `summary.json`/`summary.md` are written to a temporary folder that becomes `out` only when
+    every step succeeded; after a failure it is kept as `<out>.failed` (with FAILED.txt) and `out`
+    is untouched. An existing `out` is replaced only when it is a previous recipe output (or with
+    `overwrite`).
     """
-    from .evaluate import count_params, model_size_bytes
-    from .io import atomic_write_text
+    from .io import staged_folder
 
+    prepared = prepare_run(recipe, model_id, out, device, overwrite, model, tokenizer)
     if model is None:
         from .models import load_model
 
         model, tokenizer = load_model(model_id, device=device)
-    check_model(recipe, model)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    needs_teacher = any(name == "distill" for name, _ in recipe.steps)
-    state = State(model, tokenizer, out, recipe.calibration, device, copy.deepcopy(model).eval() if needs_teacher else None,
-                  progress)
+        check_model(recipe, model)
+    with staged_folder(out, overwrite, keep_failed=True, what="--out", recipe=recipe.name) as tmp:
+        needs_teacher = any(name == "distill" for name, _ in recipe.steps)
+        state = State(model, tokenizer, tmp, recipe.calibration, device,
+                      copy.deepcopy(model).eval() if needs_teacher else None, progress, recipe.evaluation.seq_len,
+                      _corpus=prepared.corpus)
+        results: list[StepResult] = []
+        try:
+            _run_steps(recipe, state, model_id, progress, results)
+        finally:  # after a failure: the steps that finished, beside FAILED.txt in <out>.failed
+            (tmp / "summary.json").write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
+            (tmp / "summary.md").write_text(summary_table(results) + "\n")
+    return results
+
+
+def _run_steps(recipe: Recipe, state: State, model_id: str | None, progress: bool, results: list[StepResult]) -> None:
+    """Apply the steps in order, appending one StepResult each (after the input's) to `results`;
+    a step's error becomes StepFailed naming it."""
+    from .evaluate import count_params, model_size_bytes
+
     ev = recipe.evaluation
 
     def row(step: str, config: dict, seconds: float) -> StepResult:
@@ -543,19 +774,18 @@ def run_recipe(recipe: Recipe, model_id: str | None = None, out: str | Path = "c
         return StepResult(step, config, seconds, model_size_bytes(state.model), count_params(state.model), ppl,
                           "; ".join(state.notes))
 
-    results: list[StepResult] = []
-    results.append(row("input", {"model": model_id or getattr(model.config, "name_or_path", "")}, 0.0))
+    results.append(row("input", {"model": model_id or getattr(state.model.config, "name_or_path", "")}, 0.0))
     bar = tqdm(recipe.steps, desc=recipe.name, disable=not progress)
-    for name, config in bar:
+    for i, (name, config) in enumerate(bar, 1):
         bar.set_postfix(step=name)
         state.notes = []
         t0 = time.perf_counter()
-        with contextlib.nullcontext() if name == "distill" else torch.no_grad():  # only distillation trains
-            STEPS[name].run(state, config)
+        try:
+            with contextlib.nullcontext() if name == "distill" else torch.no_grad():  # only distillation trains
+                STEPS[name].run(state, config)
+        except Exception as err:
+            raise StepFailed(f"step {i} '{name}' failed: {type(err).__name__}: {' '.join(str(err).split())}") from err
         results.append(row(name, asdict(config), time.perf_counter() - t0))
-    atomic_write_text(out / "summary.json", json.dumps([asdict(r) for r in results], indent=1) + "\n")
-    atomic_write_text(out / "summary.md", summary_table(results) + "\n")
-    return results
 
 
 def summary_table(results: list[StepResult]) -> str:
