@@ -17,6 +17,7 @@ import types
 import typing
 from dataclasses import fields
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -56,7 +57,7 @@ def type_ok(value, annotation) -> bool:
     if annotation is type(None) or annotation is None:
         return value is None
     if annotation is bool:
-        return isinstance(value, bool)
+        return isinstance(value, (bool, np.bool_))
     if annotation is int:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if annotation is float:
@@ -164,8 +165,8 @@ def check_device(device) -> torch.device:
     """The torch.device for `device`, or DeviceError saying why this machine cannot use it."""
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise DeviceError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps' ({err})") from None
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
     if dev.type == "cuda":
         if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
             raise DeviceError(f"device {device!r}: this PyTorch ({torch.__version__}) was built without CUDA; "
@@ -223,11 +224,11 @@ def check_shared_vocabulary(sizes: dict[str, int | None], tokenizers=None, use: 
             raise VocabularyMismatchError(f"{use}: the tokenizer has ids up to {need - 1}, more than a model's "
                                           f"vocabulary holds ({listed} tokens)")
     if len(known) > 1 and (tokenizers is None or not allow_padding):
-        how = ("pass their tokenizers to confirm one tokenizer with padded vocabularies" if allow_padding else
-               "give the models one vocabulary size (transformers' generate(assistant_model=..., tokenizer=..., "
-               "assistant_tokenizer=...) translates between two tokenizers)")
+        how = ("models of one family, or pass their tokenizers to confirm one tokenizer with padded vocabularies"
+               if allow_padding else "models of one family and one vocabulary size (transformers' "
+               "generate(assistant_model=..., tokenizer=..., assistant_tokenizer=...) translates between two tokenizers)")
         raise VocabularyMismatchError(f"{use} needs one vocabulary, but the models' vocabulary sizes differ "
-                                      f"({listed} tokens); use models of one family, or {how}")
+                                      f"({listed} tokens); use {how}")
 
 
 # ----------------------------------------------------------------------------- names and files

@@ -9,6 +9,7 @@ parts by a hash of their name, so the parts never overlap and never change betwe
 from __future__ import annotations
 
 import ast
+import difflib
 import hashlib
 import json
 import sys
@@ -219,7 +220,9 @@ def load_corpus(name: str = "pydoc") -> Corpus:
         return CORPORA[name]()
     if Path(name).suffix or Path(name).exists():
         return text_file_corpus(name)
-    raise CorpusNotFoundError(f"Unknown corpus {name!r}: use one of {sorted(CORPORA)} or a path to a text file")
+    close = difflib.get_close_matches(name, CORPORA, n=1)
+    raise CorpusNotFoundError(f"Unknown corpus {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}: use one of "
+                              f"{sorted(CORPORA)} or a path to a text file")
 
 
 def sample_windows(ids: Tensor, n: int, seq_len: int, seed: int = 0, what: str = "the text") -> Tensor:

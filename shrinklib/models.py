@@ -134,7 +134,8 @@ def resolve_model_path(model_id: str) -> str:
             raise ModelNotFoundError(f"{path} exists but has no config.json: not a transformers model folder")
         return str(path)
     if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
-        raise ModelNotFoundError(f"No model folder at {path}")
+        raise ModelNotFoundError(f"No model folder at {path}: give a folder with a config.json, a Hugging Face id, "
+                                 f"or '{DEFAULT_MODEL}' (the embedded model)")
     return model_id
 
 

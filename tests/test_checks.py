@@ -44,6 +44,7 @@ def test_type_ok_and_names():
     import numpy as np
 
     assert type_ok(3, int) and type_ok(np.int64(3), int) and not type_ok(True, int) and not type_ok(3.0, int)
+    assert type_ok(np.bool_(True), bool) and not type_ok(1, bool) and not type_ok("false", bool)
     assert type_ok(3, float) and type_ok(np.float32(0.5), float) and not type_ok(False, float)
     assert type_ok(None, int | None) and not type_ok("x", int | None) and type_ok("tensor", int | str | None)
     assert type_name(int | None) == "an integer or null" and type_name(bool) == "true or false"

@@ -121,7 +121,8 @@ def models(tmp_path_factory):
 GOOD = "evaluation: {eval_tokens: 0}\nsteps:\n  - rtn: {bits: 4, group_size: 32}\n"
 DRY_RUN_CASES = {  # case: (recipe, model, extra arguments, the one-line message)
     "unknown corpus": ("calibration: {corpus: pydocs}\nsteps:\n  - gptq: {}\n", "tiny", [],
-                       "Unknown corpus 'pydocs': use one of ['c4', 'pydoc', 'wikitext2'] or a path to a text file"),
+                       "Unknown corpus 'pydocs' (did you mean 'pydoc'?): use one of ['c4', 'pydoc', 'wikitext2'] or a "
+                       "path to a text file"),
     "missing corpus file": ("calibration: {corpus: /no/such/notes.txt}\nsteps:\n  - gptq: {}\n", "tiny", [],
                             "No text file at /no/such/notes.txt"),
     "eval_tokens -5": ("evaluation: {eval_tokens: -5}\nsteps:\n  - rtn: {}\n", "tiny", [],
