@@ -129,9 +129,11 @@ def _listing(folder: Path, n: int = 4) -> str:
 def check_folder_target(folder: str | Path, overwrite: bool = False, what: str = "output folder") -> None:
     """Raise TargetExistsError unless `folder` may be (re)written: absent, empty, marked as the
     suite's own (`MARKER`), or `overwrite`. A file of that name is never replaced."""
-    folder = Path(folder)
+    folder = Path(os.path.abspath(folder))  # "." and ".." resolved: the folder's own name
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        raise TargetExistsError(f"{what} {folder} is a file, not a folder; choose another path")
+        raise TargetExistsError(f"{what} {folder} is a file or a link, not a folder; choose another path")
+    if folder == Path.cwd() or folder in Path.cwd().parents:
+        raise TargetExistsError(f"{what} {folder} is the current folder or holds it; choose a new folder")
     if not folder.exists() or overwrite or (folder / MARKER).is_file() or not any(folder.iterdir()):
         return
     raise TargetExistsError(f"{what} {folder} already exists and was not written by the suite (it holds "
@@ -186,7 +188,7 @@ def staged_folder(folder: str | Path, overwrite: bool = False, keep_failed: bool
     or with `keep_failed` moved to `<folder>.failed` (when that name is free or the suite's own)
     with the error in `FAILED.txt`, so a failed run is never mistaken for a finished one.
     """
-    folder = Path(folder)
+    folder = Path(os.path.abspath(folder))
     check_folder_target(folder, overwrite, what)
     tmp = temp_folder(folder)
     try:

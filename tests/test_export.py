@@ -236,3 +236,12 @@ def test_temporaries_of_live_processes_and_other_names_are_left_alone(tmp_path):
     other.write_text("x")
     assert remove_stale_temporaries(tmp_path) == [dead]
     assert live.exists() and other.exists() and not dead.exists()
+
+
+def test_the_current_folder_is_never_an_export_target(tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for target in (".", "..", str(tmp_path)):
+        with pytest.raises(FileExistsError, match="is the current folder or holds it"):
+            export_safetensors(make_picollama(), target, overwrite=True)
+    assert (tmp_path / "here").is_dir()

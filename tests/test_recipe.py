@@ -142,7 +142,7 @@ DRY_RUN_CASES = {  # case: (recipe, model, extra arguments, the one-line message
     "device cuda without a GPU": (GOOD, "tiny", ["--device", "cuda" if not torch.cuda.is_available()
                                                  else f"cuda:{torch.cuda.device_count()}"], "device 'cuda"),
     "unknown device": (GOOD, "tiny", ["--device", "gpu"], "unknown device 'gpu'"),
-    "--out is a file": (GOOD, "tiny", ["OUT=file"], "is a file, not a folder; choose another path"),
+    "--out is a file": (GOOD, "tiny", ["OUT=file"], "is a file or a link, not a folder; choose another path"),
     "--out holds the user's files": (GOOD, "tiny", ["OUT=folder"], "already exists and was not written by the suite "
                                                                    "(it holds checkpoints/, notes.txt)"),
     "export name absolute": ("steps:\n  - export_safetensors: {name: /abs/path}\n", "tiny", [],
