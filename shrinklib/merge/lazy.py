@@ -9,12 +9,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..io import atomic_path, atomic_write_text
+from ..io import SafetensorsReader, atomic_path, atomic_write_text, safetensors_files  # noqa: F401 (re-exported)
 from ..units import GiB
 from .config import MergeConfig
 from .registry import merge_tensor
@@ -48,47 +47,14 @@ def merge_state_dicts(method: str, state_dicts: list[dict[str, Tensor]], weights
     return out
 
 
-def safetensors_files(source: str | Path) -> dict[str, Path]:
-    """{tensor name: file} of a safetensors file or of a folder (single or sharded)."""
-    p = Path(source)
-    if p.is_file():
-        with safe_open(p, "pt") as f:
-            return {k: p for k in f.keys()}
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        return {k: p / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-    files = sorted(p.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"No safetensors weights in {p} (looked for model.safetensors and its index)")
-    out = {}
-    for f in files:
-        with safe_open(f, "pt") as h:
-            out.update({k: f for k in h.keys()})
-    return out
-
-
-class _Reader:
-    """Reads single tensors from one model's files, opening each file once."""
-
-    def __init__(self, source: str | Path):
-        self.where = safetensors_files(source)
-        self.handles = {}
-
-    def get(self, name: str) -> Tensor:
-        f = self.where[name]
-        if f not in self.handles:
-            self.handles[f] = safe_open(f, "pt")
-        return self.handles[f].get_tensor(name)
-
-
 def merge_files(config: MergeConfig, out_dir: str | Path, max_shard_bytes: int = 2 * GiB, progress: bool = True) -> Path:
     """Run a merge config on safetensors checkpoints, one tensor at a time; writes the merged
     weights (sharded above `max_shard_bytes`) and the reference model's config.json to `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ref_source = config.base_model or config.inputs()[0].model
-    base = _Reader(config.base_model) if config.base_model else None
-    readers = [_Reader(m.model) for m in config.inputs()]
+    base = SafetensorsReader(config.base_model) if config.base_model else None
+    readers = [SafetensorsReader(m.model) for m in config.inputs()]
     ref = base or readers[0]
     dtype = DTYPES.get(config.dtype) if config.dtype else None
     shards, shard, size = [], {}, 0

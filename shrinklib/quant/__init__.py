@@ -22,9 +22,9 @@ import time
 
 from torch import Tensor, nn
 
-from .apply import awq_, gptq_, quant_layers, rtn_, set_backend_, smoothquant_
+from .apply import awq_, gptq_, gptq_step, quant_layers, rtn_, set_backend_, smoothquant_
 from .awq import awq_search_clip, awq_search_scale
-from .checkpoint import load_quantized, save_quantized
+from .checkpoint import load_quantized, quantize_from_disk, save_quantized
 from .config import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
 from .formats import (TABLES, QTensor, dequantize, dequantize_codes, int_params, quantize, quantize_codes,
                       quantize_rtn, quantize_weight, storage_grid)
@@ -74,7 +74,7 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
 __all__ = [
     "AWQConfig", "BACKENDS", "GPTQConfig", "METHODS", "QTensor", "QuantLinear", "RTNConfig", "SmoothQuantConfig", "TABLES",
     "W8A8Linear", "awq_", "awq_search_clip", "awq_search_scale", "backend_class", "dequantize", "dequantize_codes", "gptq_",
-    "gptq_quantize", "int_params", "load_quantized", "pack_codes", "quant_layers", "quantize", "quantize_",
-    "quantize_codes", "quantize_rtn", "quantize_weight", "storage_grid", "rtn_", "save_quantized", "set_backend_", "smooth_scales",
+    "gptq_quantize", "gptq_step", "int_params", "load_quantized", "pack_codes", "quant_layers", "quantize", "quantize_",
+    "quantize_codes", "quantize_from_disk", "quantize_rtn", "quantize_weight", "storage_grid", "rtn_", "save_quantized", "set_backend_", "smooth_scales",
     "smoothquant_", "unpack_codes",
 ]

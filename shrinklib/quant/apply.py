@@ -71,10 +71,9 @@ def _shared_input_groups(lins: dict[str, nn.Module], stats: dict) -> list[list[s
     return groups
 
 
-@torch.no_grad()
-def gptq_(model: nn.Module, calib_ids: Tensor, config: GPTQConfig, backend: str | None = "reference", device=None,
-          progress: bool = True) -> None:
-    """GPTQ every block linear, block by block on the outputs of the already-quantized blocks."""
+def gptq_step(config: GPTQConfig, backend: str | None = "reference"):
+    """The per-block step of GPTQ for `calib.sequential`: every linear of the block quantized on
+    the Hessian of its calibration inputs, installed on `backend`."""
 
     def step(s):
         stats = collect_input_stats(s.block, s.forward, hessian=True)
@@ -92,7 +91,19 @@ def gptq_(model: nn.Module, calib_ids: Tensor, config: GPTQConfig, backend: str 
                 _install(s.block, path, QTensor(q[r], sc[r], z[r], g, "int", config.bits), backend)
                 rows += lin.out_features
 
-    sequential(model, calib_ids, step, device=device, desc="GPTQ", progress=progress)
+    return step
+
+
+@torch.no_grad()
+def gptq_(model: nn.Module, calib_ids: Tensor, config: GPTQConfig, backend: str | None = "reference", device=None,
+          progress: bool = True, source=None) -> None:
+    """GPTQ every block linear, block by block on the outputs of the already-quantized blocks.
+
+    Args:
+        source: where the blocks come from (`calib.InMemory`, the default, or `calib.FromDisk`).
+    """
+    sequential(model, calib_ids, gptq_step(config, backend), device=device, desc="GPTQ", progress=progress,
+               source=source)
 
 
 def _rtn_int(W: Tensor, bits: int, g: int, symmetric: bool, clip: float | Tensor = 1.0) -> QTensor:

@@ -15,11 +15,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..arch import set_module
-from ..io import atomic_path, atomic_write_text
+from ..arch import layout, set_module
+from ..io import INDEX, SafetensorsReader, atomic_path, atomic_write_text
+from .config import GPTQConfig
 from .qlinear import QuantLinear
 
 QUANT_FILE = "quantization.json"
@@ -101,7 +102,7 @@ def load_quantized(folder: str | Path, device: str = "cpu", backend: str = "refe
     folder = Path(folder)
     model = empty_quantized_model(folder, read_quantization_json(folder))
     config = model.config
-    state = load_file(str(folder / "model.safetensors"))
+    state = SafetensorsReader(folder).load()  # one file or shards (`quantize_from_disk`)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -113,3 +114,52 @@ def load_quantized(folder: str | Path, device: str = "cpu", backend: str = "refe
 
         set_backend_(model, backend)
     return model.to(device).eval()
+
+
+def _module_tensors(prefix: str, module: nn.Module, skip: str = "\0") -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores for a module: its state dict, quantized linears in the
+    reference layout; `prefix` names it in the model; names starting with `skip` are left out."""
+    quant = {name: m for name, m in module.named_modules() if isinstance(m, QuantLinear) and not name.startswith(skip)}
+    out = {prefix + k: t.detach().contiguous().cpu() for k, t in module.state_dict().items()
+           if k.rpartition(".")[0] not in quant and not k.startswith(skip)}
+    for name, m in quant.items():
+        out.update(saved_tensors(prefix + name, m))
+    return out
+
+
+@torch.no_grad()
+def quantize_from_disk(folder: str | Path, out: str | Path, calib_ids: torch.Tensor, config: GPTQConfig,
+                       device="cpu", progress: bool = True) -> Path:
+    """GPTQ a safetensors model folder with about one block in memory (`calib.FromDisk`), writing the
+    checkpoint of `save_quantized` one shard per block; `load_quantized(out)` reads it back."""
+    from ..calib import sequential, streamed_model
+    from .apply import gptq_step
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, source = streamed_model(folder)
+    prefix = layout(model).blocks_path
+    layers, weight_map = {}, {}
+    quantize = gptq_step(config)
+
+    def step(s) -> None:  # quantize the block, then write it out before it is dropped
+        quantize(s)
+        layers.update({f"{prefix}.{s.index}.{n}": layer_spec(m) for n, m in s.block.named_modules()
+                       if isinstance(m, QuantLinear)})
+        _write_shard(out, f"block-{s.index:05d}.safetensors", _module_tensors(f"{prefix}.{s.index}.", s.block), weight_map)
+
+    sequential(model, calib_ids, step, device=device, desc="GPTQ (from disk)", progress=progress, source=source)
+    rest = _module_tensors("", model, skip=prefix + ".")  # the blocks are written already
+    if getattr(model.config, "tie_word_embeddings", False):
+        rest.pop("lm_head.weight", None)
+    _write_shard(out, "rest.safetensors", rest, weight_map)
+    atomic_write_text(out / INDEX, json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    write_quantization_json(out, layers)
+    model.config.save_pretrained(out)
+    return out
+
+
+def _write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor], weight_map: dict) -> None:
+    with atomic_path(folder / name) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    weight_map.update({k: name for k in tensors})
