@@ -123,3 +123,12 @@ def test_smollm2_gptq_and_awq_on_the_kernels():
         model = copy.deepcopy(base)
         quantize_(model, config, calib, progress=False)
         check_backends(base, model, ids)
+
+
+def test_arch_walks_quantized_models():
+    """The adapter finds the blocks and linear layers of a model whose linears are all quantized."""
+    _, model = _quantized(RTNConfig(bits=4, group_size=32))
+    for backend in ("reference", "lut"):
+        set_backend_(model, backend)
+        block = arch.blocks(model)[0]
+        assert len(arch.linear_layers(block)) == 7 and not arch.linears(block)
