@@ -2,7 +2,13 @@
 
 Every algorithm in the suite asks this module, never `isinstance` or class-name checks of
 its own. A decoder is supported when its blocks are a `ModuleList` of layers whose
-projections are `nn.Linear` (Llama, Mistral, Qwen2, Gemma, Phi-3, OPT, ...).
+projections are linear-like: `nn.Linear`, or a layer that stands for one (a quantized
+`QuantLinear` on any backend, a W8A8 or 2:4 sparse layer: anything with `in_features` and
+`out_features` and no children) (Llama, Mistral, Qwen2, Gemma, Phi-3, OPT, ...).
+
+Each architecture is one entry per table: LAYOUTS (blocks, embedding, final norm), ROLES
+(which linears share an input) and PREV (the operation producing each role's input, where a
+per-channel scale can be folded).
 """
 
 from __future__ import annotations
@@ -45,6 +51,13 @@ OPT_ROLES = {
 }
 ROLES = {"opt": OPT_ROLES}
 
+# Role -> path (inside the block) of the operation producing that role's input, for the roles
+# whose input scale can be folded into it (AWQ, SmoothQuant). attn_out (o_proj) is left out: with
+# grouped-query attention its input channels do not map one-to-one onto v_proj's output rows.
+LLAMA_PREV = {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm", "mlp_out": "mlp.up_proj"}
+OPT_PREV = {"attn_in": "self_attn_layer_norm", "mlp_in": "final_layer_norm", "mlp_out": "fc1"}
+PREV = {"opt": OPT_PREV}
+
 
 class UnsupportedArchitectureError(ValueError):
     """The model's layout is not one the suite's layer-wise algorithms can walk."""
@@ -78,6 +91,16 @@ class Layout:
     def roles(self) -> dict[str, str]:
         return ROLES.get(self.model_type, LLAMA_ROLES)
 
+    def prev(self) -> dict[str, str]:
+        """Role -> path of the operation producing that role's input (see PREV)."""
+        return PREV.get(self.model_type, LLAMA_PREV)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """An nn.Linear or a leaf layer standing for one (quantized, W8A8, 2:4 sparse)."""
+    return isinstance(module, nn.Linear) or (
+        hasattr(module, "in_features") and hasattr(module, "out_features") and not list(module.children()))
+
 
 def layout(model: nn.Module) -> Layout:
     """The layout of a `transformers` causal LM, or a clear error naming what is missing."""
@@ -93,9 +116,9 @@ def layout(model: nn.Module) -> Layout:
         blocks = found.blocks(model)
     except AttributeError as err:
         raise UnsupportedArchitectureError(f"'{model_type}' model has no {found.blocks_path}: {err}") from err
-    if not isinstance(blocks, nn.ModuleList) or not any(isinstance(m, nn.Linear) for m in blocks[0].modules()):
+    if not isinstance(blocks, nn.ModuleList) or not any(is_linear(m) for m in blocks[0].modules()):
         raise UnsupportedArchitectureError(
-            f"'{model_type}' blocks at {found.blocks_path} are not a ModuleList of nn.Linear layers"
+            f"'{model_type}' blocks at {found.blocks_path} are not a ModuleList of linear layers"
         )
     return found
 
@@ -106,8 +129,14 @@ def blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """The `nn.Linear` layers of a block by their path inside it, in definition order."""
+    """The float `nn.Linear` layers of a block (what a method can still change) by their path inside
+    it, in definition order."""
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
+    """Every linear-like layer of a block (float, quantized on any backend, W8A8, sparse) by path."""
+    return {name: m for name, m in block.named_modules() if name and is_linear(m)}
 
 
 def named_linears(model: nn.Module) -> dict[str, nn.Linear]:

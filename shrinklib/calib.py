@@ -5,6 +5,11 @@ in turn is moved to the compute device, handed to the algorithm (which may read 
 statistics and change its weights), and run again so that the next block is calibrated
 on the outputs of the blocks already compressed (GPTQ's "sequential" order). Only one
 block is on the compute device at a time.
+
+Where the blocks come from is a block source: `InMemory` (the model's own blocks, moved to the
+compute device in turn) or `FromDisk` (each block read from a safetensors folder when its turn
+comes and dropped after, so a model larger than memory is calibrated with about one block
+resident; `streamed_model` builds the model with only the embedding, final norm and head loaded).
 """
 
 from __future__ import annotations
@@ -12,13 +17,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .arch import blocks, layout, linears
+from .arch import blocks, get_path, layout, linears
 from .checks import check_device, check_token_ids
+from .io import SafetensorsReader
 
 
 class _Stop(Exception):
@@ -173,6 +180,68 @@ class BlockStep:
         return run_block(self.block, self.hidden, self.kwargs, self.batch_size)
 
 
+class InMemory:
+    """Block source: the model's own blocks, each moved to the compute device for its turn."""
+
+    def __init__(self, model: nn.Module):
+        self.home = next(model.parameters()).device
+
+    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
+        block.to(device)
+
+    def release(self, index: int, block: nn.Module) -> None:
+        block.to(self.home)
+
+
+def materialize_(module: nn.Module, tensors: dict[str, Tensor], device) -> None:
+    """Give a meta-device module real storage and the checkpoint's values."""
+    module.to_empty(device=device)
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("inv_freq")]:
+        raise ValueError(f"checkpoint does not match the module: missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+
+class FromDisk:
+    """Block source: block i read from a safetensors folder when its turn comes, dropped after
+    (back to the meta device): about one block resident."""
+
+    def __init__(self, folder: str | Path, blocks_path: str):
+        self.reader, self.blocks_path = SafetensorsReader(folder), blocks_path
+
+    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
+        materialize_(block, self.reader.load(f"{self.blocks_path}.{index}."), device)
+
+    def release(self, index: int, block: nn.Module) -> None:
+        block.to("meta")  # frees the block's storage
+
+
+def streamed_model(folder: str | Path) -> tuple[nn.Module, FromDisk]:
+    """The model of a safetensors folder with its blocks on the meta device (shapes, no storage) and
+    everything else loaded (embedding, final norm, head, rotary tables), and the `FromDisk` source
+    that reads the blocks in turn."""
+    from transformers import AutoConfig
+
+    from .params import build_on_meta
+
+    config = AutoConfig.from_pretrained(folder)
+    model = build_on_meta(config)
+    source = FromDisk(folder, layout(model).blocks_path)
+    for name, child in model.named_modules():
+        if not name or name.startswith(source.blocks_path) or list(child.children()):
+            continue
+        if not (list(child.parameters(recurse=False)) or list(child.buffers(recurse=False))):
+            continue
+        tensors = source.reader.load(name + ".")
+        if "rotary" in name:  # buffers computed from the config, not stored
+            parent, _, attr = name.rpartition(".")
+            setattr(get_path(model, parent) if parent else model, attr, type(child)(config=config))
+        elif tensors or not getattr(config, "tie_word_embeddings", False):
+            materialize_(child, tensors, "cpu")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval(), source
+
+
 @torch.no_grad()
 def sequential(
     model: nn.Module,
@@ -182,25 +251,28 @@ def sequential(
     batch_size: int = 8,
     desc: str = "blocks",
     progress: bool = True,
+    source: InMemory | FromDisk | None = None,
 ) -> None:
     """Call `step` on each block in order; block i+1 is calibrated on the outputs of the
-    already-changed blocks 0..i. Only the current block is moved to `device`.
+    already-changed blocks 0..i. Only the current block is on `device`.
 
     Args:
-        model: a supported causal LM (see `shrinklib.arch`).
+        model: a supported causal LM (see `shrinklib.arch`), or the skeleton of `streamed_model`.
         input_ids: (n, L) calibration token ids.
-        step: called once per block; may change the block in place.
+        step: called once per block; may change the block in place (and, from disk, write it out).
         device: compute device for the block (default: where the model is).
         batch_size: sequences per block call.
         desc: label of the progress bar.
+        source: where the blocks come from (default `InMemory(model)`).
     """
     layout(model)  # fail early, with the adapter's message, on an unsupported model
-    home = next(model.parameters()).device
+    source = source or InMemory(model)
+    home = next(p for p in model.parameters() if p.device.type != "meta").device
     device = check_device(device) if device is not None else home
     hidden, kwargs = capture_block_inputs(model, input_ids)
     for i, block in enumerate(tqdm(blocks(model), desc=desc, disable=not progress)):
-        block.to(device)
+        source.load(i, block, device)
         s = BlockStep(i, block, hidden.to(device), _to(kwargs, device), batch_size)
         step(s)
         hidden = s.forward()
-        block.to(home)
+        source.release(i, block)

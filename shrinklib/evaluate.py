@@ -180,7 +180,8 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss() -> int | None:
+def peak_rss() -> int | None:
+    """Peak resident set size of this process so far (Linux VmHWM), bytes; None where unavailable."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -205,9 +206,9 @@ def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") ->
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
     base = _rss()
-    if _reset_peak_rss() and _peak_rss() is not None:
+    if _reset_peak_rss() and peak_rss() is not None:
         fn()
-        return max(0, _peak_rss() - base)
+        return max(0, peak_rss() - base)
     peak, done = base, threading.Event()
 
     def sample():

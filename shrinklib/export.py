@@ -279,12 +279,11 @@ def check_llama_exportable(model: nn.Module) -> None:
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise ExportError(f"rope scaling {rope.get('rope_type')!r} is not written by this exporter; only default RoPE")
-    from .arch import LAYOUTS, get_path
+    from .arch import blocks, linear_layers
 
     want = None
-    for i, block in enumerate(get_path(model, LAYOUTS["llama"][0])):  # arch.blocks needs nn.Linear, not QuantLinear
-        shapes = {k: (m.out_features, m.in_features) for k, m in block.named_modules()
-                  if isinstance(m, nn.Linear) or hasattr(m, "unpacked")}
+    for i, block in enumerate(blocks(model)):
+        shapes = {k: (m.out_features, m.in_features) for k, m in linear_layers(block).items()}
         if type(block).__name__ != "LlamaDecoderLayer":
             raise ExportError(f"block {i} is a {type(block).__name__}, not a LlamaDecoderLayer (e.g. SliceGPT's "
                               "shortcut blocks): save it with that method's own save function")

@@ -8,6 +8,7 @@ replaced without being asked.
 - Temporaries are named `.<name>.tmp-<host>-<pid>-<random>` (`.old-` for a folder being
   replaced); one whose process has died (a crash, SIGKILL) is removed by the next write into
   that folder. Files and folders are created with the user's umask.
+- `SafetensorsReader`: the one lazy reader of safetensors files and folders (single or sharded).
 """
 
 from __future__ import annotations
@@ -207,3 +208,62 @@ def staged_folder(folder: str | Path, overwrite: bool = False, keep_failed: bool
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def safetensors_files(source: str | Path) -> dict[str, Path]:
+    """{tensor name: file} of a safetensors file or of a folder (single or sharded)."""
+    from safetensors import safe_open
+
+    p = Path(source)
+    if p.is_file():
+        with safe_open(p, "pt") as f:
+            return {k: p for k in f.keys()}
+    index = p / INDEX
+    if index.is_file():
+        return {k: p / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No safetensors weights in {p} (looked for model.safetensors and its index)")
+    out = {}
+    for f in files:
+        with safe_open(f, "pt") as h:
+            out.update({k: f for k in h.keys()})
+    return out
+
+
+class SafetensorsReader:
+    """The tensors of a safetensors file or folder (single or sharded), read on demand: memory
+    holds only what the caller keeps. `get` keeps each file open for the next tensor."""
+
+    def __init__(self, source: str | Path):
+        self.source = str(source)
+        self.where = safetensors_files(source)
+        self.handles: dict[Path, object] = {}
+
+    def get(self, name: str):
+        from safetensors import safe_open
+
+        if name not in self.where:
+            raise ValueError(f"{self.source} has no tensor {name!r}: merging and loading need models of one architecture")
+        f = self.where[name]
+        if f not in self.handles:
+            self.handles[f] = safe_open(f, "pt")
+        return self.handles[f].get_tensor(name)
+
+    def load(self, prefix: str = "") -> dict:
+        """Every tensor whose name starts with `prefix`, keyed by the rest of its name. The files are
+        closed afterwards, so their mapped pages leave this process's resident memory."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name, f in self.where.items():
+            if name.startswith(prefix):
+                by_file.setdefault(f, []).append(name)
+        out = {}
+        for f, names in by_file.items():
+            with safe_open(f, "pt") as h:
+                out.update({name[len(prefix):]: h.get_tensor(name) for name in names})
+        return out

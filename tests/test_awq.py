@@ -7,7 +7,8 @@ import torch
 from shrinklib.arch import blocks
 from shrinklib.quant import AWQConfig, RTNConfig, awq_search_clip, awq_search_scale, quantize_
 from shrinklib.quant.awq import fake_quant
-from shrinklib.quant.folding import LLAMA_PREV, fold_scale_, foldable, role_groups
+from shrinklib.arch import LLAMA_PREV
+from shrinklib.quant.folding import fold_scale_, foldable, role_groups
 from shrinklib.arch import layout, get_path
 
 from common import make_picollama, make_picoopt, random_ids

@@ -34,9 +34,19 @@ def weight_ptr(arg) -> int:
     return (arg if isinstance(arg, torch.Tensor) else arg.packed).data_ptr()
 
 
-def test_last_level_cache_is_a_positive_size():
-    assert bench.last_level_cache_bytes() >= 2**16
-    assert bench.last_level_cache_bytes(default=123) > 0
+def test_last_level_cache_is_read_from_sysfs(monkeypatch, tmp_path):
+    """The largest of the cache sizes sysfs lists, in bytes, whatever their units; the default
+    only where none is listed."""
+    for name, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "32M")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "size").write_text(size + "\n")
+    real = bench.Path
+    monkeypatch.setattr(bench, "Path", lambda p: tmp_path if "cpu0/cache" in str(p) else real(p))
+    assert bench.last_level_cache_bytes(default=123) == 32 * 2**20
+    for name in ("index0", "index2", "index3"):
+        (tmp_path / name / "size").unlink()
+        (tmp_path / name).rmdir()
+    assert bench.last_level_cache_bytes(default=123) == 123
 
 
 def test_bench_layers_rows(monkeypatch):

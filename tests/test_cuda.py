@@ -48,8 +48,8 @@ def test_calibration_on_gpu_matches_cpu():
     but 1% of entries, and the models' outputs must agree. Wanda may reorder near-ties only."""
     calib = random_ids(8, 32, seed=1)
     ref, gpu = make_picollama(0), make_picollama(0)
-    gptq_(ref, calib, GPTQConfig(bits=4, group_size=32), pack=False, progress=False)
-    gptq_(gpu, calib, GPTQConfig(bits=4, group_size=32), pack=False, device=CUDA, progress=False)
+    gptq_(ref, calib, GPTQConfig(bits=4, group_size=32), None, progress=False)
+    gptq_(gpu, calib, GPTQConfig(bits=4, group_size=32), None, device=CUDA, progress=False)
     assert next(gpu.parameters()).device.type == "cpu"
     for (name, a), b in zip(ref.named_parameters(), gpu.parameters()):
         assert ((a - b).abs() > 1e-4 * a.abs().max()).float().mean() < 0.01, name

@@ -23,6 +23,37 @@ def test_top_k_routing_selects_exactly_k_distinct_experts(k):
     torch.testing.assert_close(probs, logits.softmax(-1))
 
 
+class _Scale(torch.nn.Module):
+    """Expert i multiplies its input by i + 1: each expert computes a different function."""
+
+    def __init__(self, i):
+        super().__init__()
+        self.c = float(i + 1)
+
+    def forward(self, x):
+        return self.c * x
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_moe_sends_each_token_to_its_own_experts(k):
+    """With experts that differ (expert i scales by i + 1), the output of every token is the
+    gate-weighted sum of exactly its top-k experts, computed here token by token: a token sent to
+    another expert, or a gate applied to the wrong slot, changes its row."""
+    E, d, T = 4, 6, 40
+    moe = MoEMLP([_Scale(i) for i in range(E)], d, k)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.randn(E, d, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(T, d, generator=torch.Generator().manual_seed(2))
+    y = moe(x)
+    logits = x @ moe.router.weight.T
+    for t in range(T):
+        p = logits[t].softmax(-1)
+        top = p.topk(k).indices.tolist()
+        expected = sum(p[i] / p[top].sum() * (i + 1) for i in top) * x[t]
+        torch.testing.assert_close(y[t], expected, rtol=1e-5, atol=1e-6)
+    assert len(set(moe.last["experts"][:, 0].tolist())) > 1  # the tokens do not all go to one expert
+
+
 def test_load_balancing_loss_minimum_under_uniform_router():
     E, T = 4, 64
     probs = torch.full((T, E), 1 / E)

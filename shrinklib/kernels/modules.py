@@ -1,4 +1,5 @@
-"""nn.Modules that replace nn.Linear with a compiled low-bit format, and model-level swaps.
+"""The kernel backends of `shrinklib.quant.QuantLinear` ("int", "codebook", "lut"), the W8A8 and
+2:4 sparse layers, and model-level swaps.
 
 Packed weights are registered as buffers, so `model_size_bytes` counts their real size.
 """
@@ -12,10 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import arch
+from ..quant.formats import QTensor, expand_groups, grouped, nearest, quantize_weight, storage_grid
+from ..quant.qlinear import QuantLinear
 from ..units import MiB
 from . import _lib, check_x, dequantize, lut_dequantize, sparse24_dense, w8a8_linear
-from .pack import (CODEBOOKS, Packed24, PackedInt, PackedLUT, pack_codebook, pack_int, pack_lut,
-                   pack_sparse24, quantize_int8_rows)
+from .pack import (CODEBOOKS, Packed24, PackedInt, PackedLUT, lut_row_scales, pack_codebook, pack_int, pack_lut,
+                   pack_sparse24, quantize_int8_rows, unpack_int, unpack_lut)
 
 GEMV_MAX_ROWS = 8  # above this many rows of x, IntLinear (and Sparse24Linear) build the float weight and call the float GEMM
 # Above this many rows LUTLinear dequantizes and calls the float GEMM. Measured (2 AVX2 cores, lut4,
@@ -31,99 +34,88 @@ DEQUANT_MAX_BYTES = 32 * MiB
 
 
 def rtn_codes(W: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Asymmetric round-to-nearest codes of W (out, in) -> (q uint8, scales, zeros (out, G)); a stand-in quantizer."""
-    N, K = W.shape
-    G = -(-K // group_size)
-    Wp = F.pad(W.float(), (0, G * group_size - K), value=float("nan")).reshape(N, G, group_size)
-    lo = Wp.nan_to_num(float("inf")).amin(2).clamp(max=0)
-    hi = Wp.nan_to_num(float("-inf")).amax(2).clamp(min=0)
-    scales = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)  # (N, G)
-    zeros = torch.round(-lo / scales)
-    q = torch.round(W.float() / scales.repeat_interleave(group_size, 1)[:, :K] + zeros.repeat_interleave(group_size, 1)[:, :K])
-    return q.clamp(0, 2**bits - 1).to(torch.uint8), scales, zeros
+    """Asymmetric round-to-nearest (q uint8, scales, zeros (out, G)) of W (out, in): `shrinklib.quant.quantize_weight`."""
+    return quantize_weight(W, bits, group_size, symmetric=False)
 
 
 def codebook_codes(W: Tensor, codebook: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
-    """Nearest-codebook-entry codes after per-group absmax scaling (NF4/FP4) -> (q uint8, scales)."""
-    N, K = W.shape
-    G = -(-K // group_size)
-    Wp = F.pad(W.float(), (0, G * group_size - K)).reshape(N, G, group_size)
-    scales = Wp.abs().amax(2).clamp_min(1e-8)  # (N, G)
-    q = (Wp / scales[..., None])[..., None].sub(codebook).abs().argmin(-1)
-    return q.reshape(N, -1)[:, :K].to(torch.uint8), scales
+    """Nearest-entry codes of a sorted 16-entry codebook after per-group absmax scaling -> (q uint8, scales (out, G))."""
+    amax = grouped(W.float().abs(), group_size).amax(-1)  # (out, G)
+    scales, _ = storage_grid(torch.where(amax > 0, amax / codebook.abs().max(), torch.ones_like(amax)), torch.zeros_like(amax))
+    return nearest(W.float() / expand_groups(scales, group_size, W.shape[1]), codebook).to(torch.uint8), scales
 
 
-class IntLinear(nn.Module):
-    """Linear layer on a packed 2/3/4/8-bit (or NF4/FP4 codebook) weight: GEMV kernel for few rows, dequantize + GEMM for many."""
+class IntLinear(QuantLinear):
+    """The "int" and "codebook" backends: a QTensor as bit planes for the packed-int kernel (2/3/4/8-bit
+    integer grids, or 4-bit indices into a 16-entry table such as NF4/FP4); the GEMV kernel for few
+    rows, dequantize + GEMM for many."""
 
-    def __init__(self, w: PackedInt, bias: Tensor | None = None):
-        super().__init__()
-        self.in_features, self.out_features, self.bits, self.group_size = w.in_features, w.out_features, w.bits, w.group_size
+    backend = "int"
+
+    def pack_(self, qt: QTensor) -> None:
+        if qt.fmt == "int":
+            w = pack_int(qt.q, qt.scales, qt.zeros, qt.bits, qt.group_size)
+        elif qt.fmt in CODEBOOKS:
+            w = pack_codebook(qt.q, qt.scales, qt.fmt, qt.group_size)
+        else:
+            raise ValueError(f"the int kernel runs integer grids and the tables {sorted(CODEBOOKS)}, not {qt.fmt!r}")
+        self.kernel_group = w.group_size  # a multiple of 32 (the row rounded up for one group per row)
         for name in ("packed", "scales", "szeros", "codebook"):
             self.register_buffer(name, getattr(w, name))
-        self.register_buffer("bias", bias)
 
     @property
     def weight_format(self) -> PackedInt:
-        return PackedInt(self.packed, self.scales, self.szeros, self.codebook, self.bits, self.group_size,
+        return PackedInt(self.packed, self.scales, self.szeros, self.codebook, self.bits, self.kernel_group,
                          self.in_features, self.out_features)
 
-    @classmethod
-    def from_codes(cls, q, scales, zeros, bits, group_size, bias=None) -> "IntLinear":
-        return cls(pack_int(q, scales, zeros, bits, group_size), bias)
+    def qtensor(self) -> QTensor:
+        s = self.scales.float()
+        return QTensor(unpack_int(self.weight_format), s, self.szeros.float() / s, self.group_size, self.fmt, self.bits)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 64, codebook: str | None = None) -> "IntLinear":
-        W = linear.weight.detach().float()
-        if codebook:
-            q, s = codebook_codes(W, CODEBOOKS[codebook], group_size)
-            return cls(pack_codebook(q, s, codebook, group_size), _bias(linear))
-        return cls.from_codes(*rtn_codes(W, bits, group_size), bits, group_size, _bias(linear))
+    def dequantized_weight(self) -> Tensor:
+        return dequantize(self.weight_format)
 
     def forward(self, x: Tensor) -> Tensor:
         b = self._buffers  # one dict instead of nn.Module's __getattr__ per buffer: decode calls this ~200 times a token
         if check_x(x, self.in_features).numel() > GEMV_MAX_ROWS * self.in_features:
             return F.linear(x, dequantize(self.weight_format), b["bias"])
-        y = _lib.qmatmul(x, b["packed"], b["scales"], b["szeros"], b["codebook"], self.bits, self.group_size)
+        y = _lib.qmatmul(x, b["packed"], b["scales"], b["szeros"], b["codebook"], self.bits, self.kernel_group)
         return y if b["bias"] is None else y + b["bias"]
 
-    def extra_repr(self) -> str:
-        kind = "codebook" if self.codebook.numel() else f"int{self.bits}"
-        return f"{self.in_features}, {self.out_features}, {kind}, group_size={self.group_size}"
 
+class LUTLinear(QuantLinear):
+    """The "lut" backend: a 1-4-bit QTensor as T-MAC bit-plane indices; the lookup-table kernel for few
+    rows (or a huge weight), dequantize + GEMM for many."""
 
-class LUTLinear(nn.Module):
-    """Linear layer on a 1-4-bit weight: T-MAC lookup-table kernel for few rows (or a huge weight), dequantize + GEMM for many."""
+    backend = "lut"
 
-    def __init__(self, w: PackedLUT, bias: Tensor | None = None):
-        super().__init__()
-        self.in_features, self.out_features, self.bits, self.group_size = w.in_features, w.out_features, w.bits, w.group_size
+    def pack_(self, qt: QTensor) -> None:
+        if qt.fmt != "int":
+            raise ValueError(f"the LUT kernel runs integer grids of 1-4 bits, not {qt.fmt!r}")
+        w = pack_lut(qt.q, qt.scales, qt.zeros, qt.bits, qt.group_size)
+        self.kernel_group = w.group_size
         for name in ("packed", "scales", "szeros"):
             self.register_buffer(name, getattr(w, name))
-        self.register_buffer("bias", bias)
-
-    @classmethod
-    def from_codes(cls, q, scales, zeros, bits, group_size, bias=None) -> "LUTLinear":
-        return cls(pack_lut(q, scales, zeros, bits, group_size), bias)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 64) -> "LUTLinear":
-        return cls.from_codes(*rtn_codes(linear.weight.detach().float(), bits, group_size), bits, group_size, _bias(linear))
 
     @property
     def weight_format(self) -> PackedLUT:
-        return PackedLUT(self.packed, self.scales, self.szeros, self.bits, self.group_size, self.in_features, self.out_features)
+        return PackedLUT(self.packed, self.scales, self.szeros, self.bits, self.kernel_group, self.in_features,
+                         self.out_features)
+
+    def qtensor(self) -> QTensor:
+        s, sz = (t.float() for t in lut_row_scales(self.weight_format))
+        return QTensor(unpack_lut(self.weight_format), s, sz / s, self.group_size, self.fmt, self.bits)
+
+    def dequantized_weight(self) -> Tensor:
+        return lut_dequantize(self.weight_format)
 
     def forward(self, x: Tensor) -> Tensor:
         b = self._buffers  # as in IntLinear.forward: few Python steps per call
         rows = check_x(x, self.in_features).numel() // self.in_features
         if rows > LUT_GEMV_MAX_ROWS and 4 * self.in_features * self.out_features <= DEQUANT_MAX_BYTES:
             return F.linear(x, lut_dequantize(self.weight_format), b["bias"])
-        y = _lib.lut_gemv(x, b["packed"], b["scales"], b["szeros"], self.bits, self.group_size, self.out_features)
+        y = _lib.lut_gemv(x, b["packed"], b["scales"], b["szeros"], self.bits, self.kernel_group, self.out_features)
         return y if b["bias"] is None else y + b["bias"]
-
-    def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, lut{self.bits}, group_size={self.group_size}"
 
 
 class W8A8Linear(nn.Module):
@@ -172,17 +164,24 @@ def _bias(linear: nn.Linear) -> Tensor | None:
     return None if linear.bias is None else linear.bias.detach().float().clone()
 
 
+def rtn_layer(backend: str, bits: int, fmt: str = "int", group_size: int = 64) -> Callable[[nn.Linear], nn.Module]:
+    """nn.Linear -> its asymmetric RTN QTensor (`shrinklib.quant.quantize`) on a kernel backend."""
+    from ..quant import backend_class
+
+    return lambda linear: backend_class(backend).from_linear(linear, bits, group_size, fmt)
+
+
 FORMATS: dict[str, Callable[[nn.Linear], nn.Module]] = {
-    "int4": lambda l: IntLinear.from_linear(l, 4, 64),
-    "int3": lambda l: IntLinear.from_linear(l, 3, 64),
-    "int2": lambda l: IntLinear.from_linear(l, 2, 64),
-    "int8": lambda l: IntLinear.from_linear(l, 8, 64),
-    "nf4": lambda l: IntLinear.from_linear(l, 4, 64, codebook="nf4"),
-    "fp4": lambda l: IntLinear.from_linear(l, 4, 64, codebook="fp4"),
-    "lut4": lambda l: LUTLinear.from_linear(l, 4, 64),
-    "lut2": lambda l: LUTLinear.from_linear(l, 2, 64),
+    "int4": rtn_layer("int", 4),
+    "int3": rtn_layer("int", 3),
+    "int2": rtn_layer("int", 2),
+    "int8": rtn_layer("int", 8),
+    "nf4": rtn_layer("codebook", 4, "nf4"),
+    "fp4": rtn_layer("codebook", 4, "fp4"),
+    "lut4": rtn_layer("lut", 4),
+    "lut2": rtn_layer("lut", 2),
     "w8a8": W8A8Linear.from_linear,
-}  # RTN g64 stand-ins; pass your own `make` to use a real quantizer's codes
+}  # RTN g64; for GPTQ/AWQ weights quantize with `shrinklib.quant.quantize_(..., backend=...)`
 
 
 @torch.no_grad()

@@ -1,9 +1,10 @@
 """Weight layouts of the compiled kernels: pure-PyTorch pack and unpack.
 
-A quantized weight arrives as integer codes `q` (uint8, (out, in), values in [0, 2^bits)),
-`scales` and `zeros` float32 (out, n_groups), n_groups = ceil(in / group_size), with
-`W[o, i] = scales[o, i // g] * (q[o, i] - zeros[o, i // g])`. Rows are padded to whole
-groups with code 0 (the kernels pad x with zeros, so padding contributes nothing).
+A quantized weight arrives as the fields of a `shrinklib.quant.QTensor`: integer codes `q`
+(uint8, (out, in), values in [0, 2^bits)), `scales` and `zeros` float32 (out, n_groups),
+n_groups = ceil(in / group_size), with `W[o, i] = scales[o, i // g] * (q[o, i] - zeros[o, i // g])`.
+Rows are padded to whole groups with code 0 (the kernels pad x with zeros, so padding
+contributes nothing). Codebooks are the number-format tables of `shrinklib.quant.formats`.
 
 The packed layouts store the scales and the products s·z in float16, as GPTQ/AWQ checkpoints
 and llama.cpp's Q4_1 do: at group size 64 that is 0.5 bit per weight of overhead instead of
@@ -18,13 +19,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..quant.formats import table
+
 LUT_PERM = [*range(0, 32, 2), *range(1, 32, 2)]  # order in which the LUT kernel's lanes hold a tile's rows
-NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-                    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-                    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-                    0.7229568362236023, 1.0])  # QLoRA (Dettmers et al. 2023), normal-float quantiles
-FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]) / 6  # e2m1
-CODEBOOKS = {"nf4": NF4, "fp4": FP4}
+
+
+def table_codebook(fmt: str) -> Tensor:
+    """The kernel's 16-entry codebook of a table format: `shrinklib.quant.formats.table(fmt)` (sorted,
+    largest magnitude 1), padded with its last value (FP4 e2m1 has 15 distinct values; code 15 is
+    never produced)."""
+    values = table(fmt)
+    if len(values) > 16:
+        raise ValueError(f"{fmt} has {len(values)} values; the codebook kernel takes at most 16")
+    return torch.cat([values, values[-1:].expand(16 - len(values))]).float().contiguous()
+
+
+CODEBOOKS = {name: table_codebook(name) for name in ("nf4", "fp4")}
+NF4, FP4 = CODEBOOKS["nf4"], CODEBOOKS["fp4"]
 
 
 @dataclass
@@ -206,6 +217,14 @@ def pack_lut(q: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: in
 
     return PackedLUT(torch.cat(parts, 1).to(torch.uint8).contiguous(), tiles(scales, "scales"),
                      tiles(scales * zeros, "scales * zeros"), bits, gi, K, N)
+
+
+def lut_row_scales(w: PackedLUT) -> tuple[Tensor, Tensor]:
+    """Scales and s*z of a `PackedLUT` back in row order: (out, G) float16 each."""
+    G = w.scales.shape[1]
+    inv_perm = torch.argsort(torch.tensor(LUT_PERM))
+    s, sz = (t[:, :, inv_perm].transpose(1, 2).reshape(-1, G)[: w.out_features] for t in (w.scales, w.szeros))
+    return s, sz
 
 
 def unpack_lut(w: PackedLUT) -> Tensor:

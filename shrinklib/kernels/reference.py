@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .pack import _lut_chunks, LUT_PERM, Packed24, PackedInt, PackedLUT, quantize_int8_rows, unpack_int, unpack_lut
+from .pack import _lut_chunks, Packed24, PackedInt, PackedLUT, lut_row_scales, quantize_int8_rows, unpack_int, unpack_lut
 
 
 def _expand(t: Tensor, g: int, K: int) -> Tensor:
@@ -61,10 +61,8 @@ def lut_tables(x: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
 
 def _lut_scales(w: PackedLUT) -> tuple[Tensor, Tensor]:
     """Scales and s*z of a `PackedLUT` back in row order: (out, G) float64 each."""
-    G = w.scales.shape[1]
-    inv_perm = torch.argsort(torch.tensor(LUT_PERM))
-    s, sz = (t[:, :, inv_perm].transpose(1, 2).reshape(-1, G)[: w.out_features].double() for t in (w.scales, w.szeros))
-    return s, sz
+    s, sz = lut_row_scales(w)
+    return s.double(), sz.double()
 
 
 def lut_dequantize(w: PackedLUT) -> Tensor:

@@ -10,12 +10,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..io import staged_folder
+from ..io import SafetensorsReader, safetensors_files, staged_folder  # noqa: F401 (safetensors_files re-exported)
 from ..units import GiB
 from .checks import check_finite, check_weights
 from .config import MergeConfig
@@ -54,42 +53,6 @@ def merge_state_dicts(method: str, state_dicts: list[dict[str, Tensor]], weights
     return out
 
 
-def safetensors_files(source: str | Path) -> dict[str, Path]:
-    """{tensor name: file} of a safetensors file or of a folder (single or sharded)."""
-    p = Path(source)
-    if p.is_file():
-        with safe_open(p, "pt") as f:
-            return {k: p for k in f.keys()}
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        return {k: p / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-    files = sorted(p.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"No safetensors weights in {p} (looked for model.safetensors and its index)")
-    out = {}
-    for f in files:
-        with safe_open(f, "pt") as h:
-            out.update({k: f for k in h.keys()})
-    return out
-
-
-class _Reader:
-    """Reads single tensors from one model's files, opening each file once."""
-
-    def __init__(self, source: str | Path):
-        self.source = str(source)
-        self.where = safetensors_files(source)
-        self.handles = {}
-
-    def get(self, name: str) -> Tensor:
-        if name not in self.where:
-            raise ValueError(f"{self.source} has no tensor {name!r}: merging needs models of one architecture")
-        f = self.where[name]
-        if f not in self.handles:
-            self.handles[f] = safe_open(f, "pt")
-        return self.handles[f].get_tensor(name)
-
-
 def merge_files(config: MergeConfig, out_dir: str | Path, max_shard_bytes: int = 2 * GiB, progress: bool = True,
                 overwrite: bool = False) -> Path:
     """Run a merge config on safetensors checkpoints, one tensor at a time; writes the merged
@@ -100,8 +63,8 @@ def merge_files(config: MergeConfig, out_dir: str | Path, max_shard_bytes: int =
     """
     out_dir = Path(out_dir)
     ref_source = config.base_model or config.inputs()[0].model
-    base = _Reader(config.base_model) if config.base_model else None
-    readers = [_Reader(m.model) for m in config.inputs()]
+    base = SafetensorsReader(config.base_model) if config.base_model else None
+    readers = [SafetensorsReader(m.model) for m in config.inputs()]
     ref = base or readers[0]
     dtype = getattr(torch, config.dtype) if config.dtype else None
     with staged_folder(out_dir, overwrite, what="merge output folder", merge_method=config.merge_method) as tmp:
@@ -112,7 +75,8 @@ def merge_files(config: MergeConfig, out_dir: str | Path, max_shard_bytes: int =
     return out_dir
 
 
-def _write_merge(config: MergeConfig, out_dir: Path, ref: _Reader, base: _Reader | None, readers: list[_Reader],
+def _write_merge(config: MergeConfig, out_dir: Path, ref: SafetensorsReader, base: SafetensorsReader | None,
+                 readers: list[SafetensorsReader],
                  dtype, max_shard_bytes: int, progress: bool) -> None:
     labels = [m.model for m in config.inputs()]
     shards, shard, size = [], {}, 0

@@ -2,18 +2,18 @@
 
     quantize_(model, GPTQConfig(bits=3, group_size=64), calib_ids)
 
-Weight-only methods replace each linear of the decoder blocks with a `QuantLinear` holding
-packed integer codes and per-group scales/zeros in the kernels' layout:
+    quantize_(model, GPTQConfig(bits=4, group_size=64), calib_ids, backend="lut")
+
+Every weight-only method produces one representation, `QTensor` (codes, float16-exact scales
+and zeros, group size, format, bits; see `formats`), and replaces each linear of the decoder
+blocks with a `QuantLinear` on a backend: "reference" (dequantize, then `F.linear`), "int"
+(packed-int kernel), "codebook" (NF4/FP4 tables on the same kernel) or "lut" (T-MAC lookup
+tables). `set_backend_(model, backend)` moves a quantized model between backends without loss:
 
     q       uint8 (out, in), codes in [0, 2^bits - 1]
-    scales  float32 (out, n_groups), n_groups = ceil(in / group_size) (a short last group is allowed)
-    zeros   float32 (out, n_groups)
+    scales  (out, n_groups), n_groups = ceil(in / group_size) (a short last group is allowed)
+    zeros   (out, n_groups)
     W[o, i] = scales[o, i // g] * (q[o, i] - zeros[o, i // g])
-
-Symmetric grids use zeros = 2^(bits-1) (codes 1 .. 2^bits - 1); asymmetric grids use a float
-zero -min/scale. `quantize_weight(W, bits, group_size, symmetric)` returns (q, scales, zeros)
-for a weight by RTN, `gptq_quantize(W, H, ...)` by GPTQ, and `QuantLinear.unpacked()` for a
-layer already quantized: the kernels are built from these.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import time
 from torch import Tensor, nn
 
 from ..checks import check_not_quantized
-from .apply import awq_, gptq_, quant_layers, rtn_, smoothquant_
+from .apply import awq_, gptq_, gptq_step, quant_layers, rtn_, set_backend_, smoothquant_
 from .awq import awq_search_clip, awq_search_scale
-from .checkpoint import load_quantized, save_quantized
+from .checkpoint import load_quantized, quantize_from_disk, save_quantized
 from .config import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
 from .formats import (TABLES, QTensor, dequantize, dequantize_codes, int_params, quantize, quantize_codes,
-                      quantize_rtn, quantize_weight)
+                      quantize_rtn, quantize_weight, storage_grid)
 from .gptq import gptq_quantize
-from .qlinear import QuantLinear, pack_codes, unpack_codes
+from .qlinear import BACKENDS, QuantLinear, backend_class, pack_codes, unpack_codes
 from .smoothquant import W8A8Linear, smooth_scales
 
 # method -> (config class, paper URL)
@@ -44,7 +44,7 @@ Config = RTNConfig | GPTQConfig | AWQConfig | SmoothQuantConfig
 
 
 def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None, pack: bool = True, device=None,
-              progress: bool = True) -> float:
+              progress: bool = True, backend: str = "reference") -> float:
     """Quantize a model in place with the method its config names; returns the seconds it took.
 
     Args:
@@ -52,15 +52,20 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
         calib_ids: (n, L) calibration token ids (GPTQ, AWQ, SmoothQuant).
         pack: store weight-only results as QuantLinear (packed codes) instead of float weights.
         device: compute device for layer-wise calibration (default: the model's).
+        backend: where the QuantLinear layers run: "reference", "int", "codebook" or "lut"
+            (the kernels run on the CPU; calibration still runs on `device`).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {list(BACKENDS)}")
     t0 = time.perf_counter()
     check_not_quantized(model, f"quantize_ with {type(config).__name__}")
+    target = backend if pack else None
     if isinstance(config, RTNConfig):
-        rtn_(model, config, pack, progress)
+        rtn_(model, config, target, progress)
     elif isinstance(config, (GPTQConfig, AWQConfig)):
         if calib_ids is None:
             raise ValueError(f"{type(config).__name__} needs calib_ids, an (n, L) tensor of calibration token ids")
-        (gptq_ if isinstance(config, GPTQConfig) else awq_)(model, calib_ids, config, pack, device, progress)
+        (gptq_ if isinstance(config, GPTQConfig) else awq_)(model, calib_ids, config, target, device, progress)
     elif isinstance(config, SmoothQuantConfig):
         smoothquant_(model, calib_ids, config, device, progress)
     else:
@@ -69,9 +74,9 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
 
 
 __all__ = [
-    "AWQConfig", "GPTQConfig", "METHODS", "QTensor", "QuantLinear", "RTNConfig", "SmoothQuantConfig", "TABLES",
-    "W8A8Linear", "awq_", "awq_search_clip", "awq_search_scale", "dequantize", "dequantize_codes", "gptq_",
-    "gptq_quantize", "int_params", "load_quantized", "pack_codes", "quant_layers", "quantize", "quantize_",
-    "quantize_codes", "quantize_rtn", "quantize_weight", "rtn_", "save_quantized", "smooth_scales",
+    "AWQConfig", "BACKENDS", "GPTQConfig", "METHODS", "QTensor", "QuantLinear", "RTNConfig", "SmoothQuantConfig", "TABLES",
+    "W8A8Linear", "awq_", "awq_search_clip", "awq_search_scale", "backend_class", "dequantize", "dequantize_codes", "gptq_",
+    "gptq_quantize", "gptq_step", "int_params", "load_quantized", "pack_codes", "quant_layers", "quantize", "quantize_",
+    "quantize_codes", "quantize_from_disk", "quantize_rtn", "quantize_weight", "storage_grid", "rtn_", "save_quantized", "set_backend_", "smooth_scales",
     "smoothquant_", "unpack_codes",
 ]

@@ -14,33 +14,46 @@ from ..calib import collect_input_stats, record_inputs, sequential
 from .awq import awq_search_clip, awq_search_scale
 from .config import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
 from .folding import fold_scale_, foldable, role_groups
-from .formats import dequantize_codes, int_params, quantize, quantize_codes, resolve_group_size
+from .formats import QTensor, dequantize, int_params, quantize, quantize_codes, resolve_group_size
 from .gptq import gptq_quantize
-from .qlinear import QuantLinear
+from .qlinear import QuantLinear, backend_class
 from .smoothquant import W8A8Linear, smooth_scales
 
 
-def _install(block: nn.Module, path: str, q: Tensor, scales: Tensor, zeros: Tensor, bits: int, g: int, pack: bool) -> None:
-    """Replace the linear at `path` with a QuantLinear (pack) or write the dequantized weight into it."""
+def _install(block: nn.Module, path: str, qt: QTensor, backend: str | None) -> None:
+    """Replace the linear at `path` with a quantized linear on `backend`, or (backend None) write
+    the dequantized weight into it."""
     lin = get_path(block, path)
-    if pack:
-        new = QuantLinear.from_codes(q, scales, zeros, bits, g, lin.bias.detach() if lin.bias is not None else None)
-        set_module(block, path, new)  # scales and zeros stay float32 (the kernels' layout)
+    if backend is not None:
+        bias = lin.bias.detach() if lin.bias is not None else None
+        set_module(block, path, backend_class(backend).from_qtensor(qt, bias))
     else:
-        lin.weight.data.copy_(dequantize_codes(q, scales, zeros, g).to(lin.weight.dtype))
+        lin.weight.data.copy_(dequantize(qt).to(lin.weight.dtype))
 
 
 @torch.no_grad()
-def rtn_(model: nn.Module, config: RTNConfig, pack: bool = True, progress: bool = True) -> None:
-    """Round every block linear to nearest (table formats are written back as float weights)."""
-    pack = pack and config.fmt == "int" and config.group_size != "tensor"
+def set_backend_(model: nn.Module, backend: str) -> nn.Module:
+    """Move every quantized linear of a model to `backend` ("reference", "int", "codebook", "lut"),
+    in place and without loss: each layer's QTensor is repacked in the backend's layout."""
+    cls = backend_class(backend)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear) and type(m) is not cls:
+            set_module(model, name, cls.from_qtensor(m.qtensor(), m.bias))
+    return model
+
+
+@torch.no_grad()
+def rtn_(model: nn.Module, config: RTNConfig, backend: str | None = "reference", progress: bool = True) -> None:
+    """Round every block linear to nearest (a per-tensor grid is written back as float weights).
+
+    Args:
+        backend: where the quantized linears run (`set_backend_`); None writes dequantized floats back.
+    """
+    backend = backend if config.group_size != "tensor" else None
     for block in blocks(model):
         for path, lin in linears(block).items():
-            qt = quantize(lin.weight.float(), config.fmt, config.bits, config.group_size, config.symmetric)
-            if pack:
-                _install(block, path, qt.q, qt.scales, qt.zeros, config.bits, qt.group_size, True)
-            else:
-                lin.weight.data.copy_(qt.dequantize().to(lin.weight.dtype))
+            _install(block, path, quantize(lin.weight.float(), config.fmt, config.bits, config.group_size,
+                                           config.symmetric), backend)
 
 
 def _shared_input_groups(lins: dict[str, nn.Module], stats: dict) -> list[list[str]]:
@@ -58,10 +71,9 @@ def _shared_input_groups(lins: dict[str, nn.Module], stats: dict) -> list[list[s
     return groups
 
 
-@torch.no_grad()
-def gptq_(model: nn.Module, calib_ids: Tensor, config: GPTQConfig, pack: bool = True, device=None,
-          progress: bool = True) -> None:
-    """GPTQ every block linear, block by block on the outputs of the already-quantized blocks."""
+def gptq_step(config: GPTQConfig, backend: str | None = "reference"):
+    """The per-block step of GPTQ for `calib.sequential`: every linear of the block quantized on
+    the Hessian of its calibration inputs, installed on `backend`."""
 
     def step(s):
         stats = collect_input_stats(s.block, s.forward, hessian=True)
@@ -76,14 +88,31 @@ def gptq_(model: nn.Module, calib_ids: Tensor, config: GPTQConfig, pack: bool = 
             rows = 0
             for path, lin in zip(paths, lins):
                 r = slice(rows, rows + lin.out_features)
-                _install(s.block, path, q[r], sc[r], z[r], config.bits, g, pack)
+                _install(s.block, path, QTensor(q[r], sc[r], z[r], g, "int", config.bits), backend)
                 rows += lin.out_features
 
-    sequential(model, calib_ids, step, device=device, desc="GPTQ", progress=progress)
+    return step
 
 
 @torch.no_grad()
-def awq_(model: nn.Module, calib_ids: Tensor, config: AWQConfig, pack: bool = True, device=None,
+def gptq_(model: nn.Module, calib_ids: Tensor, config: GPTQConfig, backend: str | None = "reference", device=None,
+          progress: bool = True, source=None) -> None:
+    """GPTQ every block linear, block by block on the outputs of the already-quantized blocks.
+
+    Args:
+        source: where the blocks come from (`calib.InMemory`, the default, or `calib.FromDisk`).
+    """
+    sequential(model, calib_ids, gptq_step(config, backend), device=device, desc="GPTQ", progress=progress,
+               source=source)
+
+
+def _rtn_int(W: Tensor, bits: int, g: int, symmetric: bool, clip: float | Tensor = 1.0) -> QTensor:
+    sc, z = int_params(W, bits, g, symmetric, clip)
+    return QTensor(quantize_codes(W, sc, z, bits, g), sc, z, g, "int", bits)
+
+
+@torch.no_grad()
+def awq_(model: nn.Module, calib_ids: Tensor, config: AWQConfig, backend: str | None = "reference", device=None,
          progress: bool = True) -> dict:
     """AWQ: search and fold per-channel scales for each group of linears sharing an input, search
     clipping, then round to nearest. Returns the chosen α per block and role."""
@@ -97,8 +126,7 @@ def awq_(model: nn.Module, calib_ids: Tensor, config: AWQConfig, pack: bool = Tr
             if path not in covered:
                 W = lin.weight.float()
                 gl = resolve_group_size(config.group_size, W.shape[1])
-                sc, z = int_params(W, config.bits, gl, config.symmetric)
-                _install(s.block, path, quantize_codes(W, sc, z, config.bits, gl), sc, z, config.bits, gl, pack)
+                _install(s.block, path, _rtn_int(W, config.bits, gl, config.symmetric), backend)
         firsts = {role: next(iter(g.values())) for role, g in groups.items()}
         inputs: dict[str, list[Tensor]] = {role: [] for role in groups}
         with record_inputs(firsts, lambda role, x: inputs[role].append(x.reshape(-1, x.shape[-1]))):
@@ -124,8 +152,7 @@ def awq_(model: nn.Module, calib_ids: Tensor, config: AWQConfig, pack: bool = Tr
                 clip = 1.0
                 if config.clip and not path.endswith(("q_proj", "k_proj")):  # AWQ leaves q/k unclipped
                     clip = awq_search_clip(W, X[role], config.bits, g, config.symmetric)
-                sc, z = int_params(W, config.bits, g, config.symmetric, clip)
-                _install(s.block, path, quantize_codes(W, sc, z, config.bits, g), sc, z, config.bits, g, pack)
+                _install(s.block, path, _rtn_int(W, config.bits, g, config.symmetric, clip), backend)
 
     sequential(model, calib_ids, step, device=device, desc="AWQ", progress=progress)
     return alphas

@@ -12,14 +12,6 @@ from torch import Tensor, nn
 
 from ..arch import get_path, layout
 
-# model_type -> role -> path (inside the block) of the operation producing that role's input.
-# attn_out (o_proj) is left out: with grouped-query attention its input channels do not map
-# one-to-one onto v_proj's output rows.
-LLAMA_PREV = {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm", "mlp_out": "mlp.up_proj"}
-OPT_PREV = {"attn_in": "self_attn_layer_norm", "mlp_in": "final_layer_norm", "mlp_out": "fc1"}
-PREV = {"opt": OPT_PREV}
-
-
 def role_groups(roles: dict[str, str], block: nn.Module) -> dict[str, dict[str, nn.Linear]]:
     """The linears of a block grouped by role (linears in one group share their input).
 
@@ -41,7 +33,7 @@ def foldable(model: nn.Module) -> dict[str, str]:
     if lay.model_type == "opt" and not getattr(model.config, "do_layer_norm_before", True):
         raise ValueError("OPT with post-layer-norm (do_layer_norm_before=False, e.g. OPT-350M) has no norm "
                          "before its linears to fold a scale into")
-    return PREV.get(lay.model_type, LLAMA_PREV)
+    return lay.prev()
 
 
 @torch.no_grad()

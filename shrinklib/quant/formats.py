@@ -1,22 +1,32 @@
 """Number formats simulated in float32, and round-to-nearest (RTN) quantization.
 
-Integer grids (2-8 bits) follow the one layout shared with the kernels:
+Every quantizer of the suite (RTN, GPTQ, AWQ, the table formats) produces one representation,
+`QTensor`, and every backend (the PyTorch reference, the packed-int, LUT and codebook kernels)
+consumes it:
 
-    q       uint8 (out, in), codes in [0, 2^bits - 1]
-    scales  float32 (out, n_groups), n_groups = ceil(in / group_size)
-    zeros   float32 (out, n_groups)
-    W[o, i] = scales[o, i // g] * (q[o, i] - zeros[o, i // g])
+    q       uint8 (out, in), codes in [0, 2^bits - 1] (table formats: indices of the sorted table)
+    scales  (out, n_groups), n_groups = ceil(in / group_size)
+    zeros   (out, n_groups)
+    W[o, i] = scales[o, i // g] * (q[o, i] - zeros[o, i // g])          (integer grids)
+    W[o, i] = scales[o, i // g] * table(fmt)[q[o, i]]                    (table formats)
+
+The grid is stored as float16 scales s and float16 offsets s·z, as GPTQ/AWQ checkpoints and
+llama.cpp's Q4_1 store them (0.5 bit per weight at g64): `storage_grid` rounds a fitted grid to
+those values before any code is chosen, so the quantizers optimise, and the reference
+dequantizes, exactly the grid that every backend stores. scales and zeros stay float32 tensors
+in memory (z = (s·z) / s, recomputed the same way when a backend unpacks).
 
 Asymmetric (zero-point) grids use min-max scales, s = (max - min) / (2^b - 1), and a float
-zero z = -min / s (as llama.cpp's Q4_1 stores d and m), so a group's min and max are exact.
-Symmetric (absmax) grids use s = max|w| / (2^(b-1) - 1) and z = 2^(b-1): the codes are
-1 .. 2^b - 1, zero is exact, code 0 is unused. Any group size works: when it does not
-divide the row, the last group is shorter (e.g. 576 columns at g128: 4 groups of 128 and
-one of 64). `group_size=None` is per-channel (one group per row), "tensor" is per-tensor.
+zero z = -min / s (as llama.cpp's Q4_1 stores d and m). Symmetric (absmax) grids use
+s = max|w| / (2^(b-1) - 1) and z = 2^(b-1): the codes are 1 .. 2^b - 1, zero is exact, code 0 is
+unused. Any group size works: when it does not divide the row, the last group is shorter (e.g.
+576 columns at g128: 4 groups of 128 and one of 64). `group_size=None` is per-channel (one group
+per row), "tensor" is per-tensor.
 
-Non-uniform formats (NF4, FP4 e2m1, FP8 e4m3/e5m2) are value tables: a group is scaled by
-absmax / max(table) and each weight rounds to the nearest table value (codes index the
-sorted table).
+Non-uniform formats (NF4, FP4 e2m1, FP8 e4m3/e5m2) are value tables: `table(fmt)` is the
+sorted table divided by its largest magnitude, a group's scale is its absmax (so it stays in
+float16's normal range even for FP8 e5m2, whose table reaches 57344), and each weight rounds
+to the nearest table value (codes index the sorted table).
 """
 
 from __future__ import annotations
@@ -57,13 +67,19 @@ FP8_E5M2_VALUES = _fp_values(5, 2, bias=15, max_value=57344.0)  # IEEE-like E5M2
 TABLES = {"nf4": NF4_VALUES, "fp4": FP4_E2M1_VALUES, "fp8_e4m3": FP8_E4M3_VALUES, "fp8_e5m2": FP8_E5M2_VALUES}
 
 
+def table(fmt: str) -> Tensor:
+    """The values of a table format divided by their largest magnitude (so in [-1, 1]), sorted."""
+    values = TABLES[fmt]
+    return values / values.abs().max()
+
+
 @dataclass(frozen=True)
 class QTensor:
     """A quantized weight: codes, per-group scales and zeros, and how to read them back."""
 
     q: Tensor  # uint8 (out, in)
-    scales: Tensor  # float32 (out, n_groups)
-    zeros: Tensor  # float32 (out, n_groups); unused by table formats
+    scales: Tensor  # float32 (out, n_groups), float16-exact
+    zeros: Tensor  # float32 (out, n_groups), s·z float16-exact; 0 for table formats
     group_size: int  # columns per group (the last group may be shorter)
     fmt: str  # "int" or a key of TABLES
     bits: int
@@ -101,6 +117,25 @@ def grouped(W: Tensor, group_size: int) -> Tensor:
     return W.reshape(out, -1, group_size)
 
 
+SCALE_MIN = 2.0**-24  # the smallest positive float16: a scale never rounds to zero
+
+
+def storage_grid(scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
+    """A fitted grid rounded to what every backend stores: float16 s and s·z.
+
+    Returns float32 (scales, zeros) with s and s·z exactly float16 values; z = (s·z) / s, the
+    same float32 division a backend makes when it unpacks, so the grid round-trips bit for bit.
+    """
+    s = scales.float().clamp_min(SCALE_MIN).to(torch.float16)
+    if not torch.isfinite(s).all():
+        raise ValueError(f"scales beyond float16's range (|s| > 65504): max {scales.abs().max().item():.3g}")
+    sz = (s.float() * zeros.float()).to(torch.float16)
+    if not torch.isfinite(sz).all():
+        raise ValueError("scales * zeros beyond float16's range (|s·z| > 65504)")
+    s = s.float()
+    return s, sz.float() / s
+
+
 def int_params(W: Tensor, bits: int, group_size: int, symmetric: bool, clip: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
     """Scales and zeros (out, n_groups) of an integer grid fitted to each group of W (out, in).
 
@@ -118,7 +153,7 @@ def int_params(W: Tensor, bits: int, group_size: int, symmetric: bool, clip: flo
         rng = wmax - wmin
         scales = torch.where(rng > 0, rng / (2**bits - 1), torch.ones_like(rng))
         zeros = -wmin / scales
-    return scales, zeros
+    return storage_grid(scales, zeros)
 
 
 def quantize_codes(W: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> Tensor:
@@ -161,10 +196,9 @@ def quantize(W: Tensor, fmt: str = "int", bits: int = 4, group_size: GroupSize =
         scales, zeros = int_params(work, bits, g, symmetric, clip)
         q = quantize_codes(work, scales, zeros, bits, g)
     elif fmt in TABLES:
-        values = TABLES[fmt].to(W.device)
+        values = table(fmt).to(W.device)
         amax = grouped(work.float().abs(), g).amax(-1) * clip  # (out, G)
-        scales = torch.where(amax > 0, amax / values.abs().max(), torch.ones_like(amax))
-        zeros = torch.zeros_like(scales)
+        scales, zeros = storage_grid(torch.where(amax > 0, amax, torch.ones_like(amax)), torch.zeros_like(amax))
         q = nearest(work.float() / expand_groups(scales, g, work.shape[1]), values).to(torch.uint8)
         bits = math.ceil(math.log2(len(values)))
     else:
@@ -179,7 +213,7 @@ def dequantize(qt: QTensor) -> Tensor:
     if qt.fmt == "int":
         q = qt.q if qt.scales.shape[0] == qt.q.shape[0] else qt.q.reshape(1, -1)
         return dequantize_codes(q, qt.scales, qt.zeros, qt.group_size).reshape(qt.q.shape)
-    values = TABLES[qt.fmt].to(qt.q.device)
+    values = table(qt.fmt).to(qt.q.device)
     q = qt.q if qt.scales.shape[0] == qt.q.shape[0] else qt.q.reshape(1, -1)
     return (values[q.long()] * expand_groups(qt.scales, qt.group_size, q.shape[1])).reshape(qt.q.shape)
 

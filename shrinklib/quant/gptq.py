@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .formats import int_params, n_groups
+from .formats import int_params
 
 
 def gptq_quantize(W: Tensor, H: Tensor, bits: int = 4, group_size: int | None = 64, symmetric: bool = False,
@@ -23,6 +23,12 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int = 4, group_size: int | None = 
         block_size: columns per lazy batch update (B in the paper).
         act_order: quantize columns in order of decreasing diag(H) (groups keep their columns).
 
+    Each group's grid is fitted on the weights before any GPTQ update ("static groups"), in
+    either order. The original code fits a group's grid when its first column comes up, on
+    weights already moved by the updates: a grid fitted to [min, max] of moved weights leaves the
+    group's later columns, which move further, outside it, where they are clamped and their
+    error compensated again; on SmolLM2 this made 4-bit g64 asymmetric GPTQ worse than RTN.
+
     Returns:
         q uint8 (out, in), scales and zeros float32 (out, n_groups): W ≈ s · (q - z).
     """
@@ -33,11 +39,8 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int = 4, group_size: int | None = 
     dead = torch.diag(H) == 0  # inputs that never fire: their weights do not matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    scales = torch.empty(out, n_groups(d, g), device=W.device)
-    zeros = torch.empty_like(scales)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(d, device=W.device)
-    if act_order:  # static groups: each group's grid is fitted before any update
-        scales, zeros = int_params(W, bits, g, symmetric)
+    scales, zeros = int_params(W, bits, g, symmetric)  # (out, n_groups): static groups, before any update
     W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(d, device=W.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # (in, in)
@@ -48,12 +51,6 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int = 4, group_size: int | None = 
         W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(out, i2 - i1, device=W.device), Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = order[i1 + i]
-            if not act_order and col % g == 0:  # fit the group's grid on its current (updated) weights
-                end = min(col + g, d)  # a short last group ends at d
-                pending = W[:, i2:end] - Err1[:, :i] @ Hinv[i1 : i1 + i, i2:end]  # beyond this block, updated
-                cols = torch.cat([W1[:, i : end - i1], pending], 1)  # (out, group length)
-                s, z = int_params(cols, bits, cols.shape[1], symmetric)
-                scales[:, col // g], zeros[:, col // g] = s[:, 0], z[:, 0]
             s, z = scales[:, col // g], zeros[:, col // g]  # (out,)
             w = W1[:, i]
             q = torch.clamp(torch.round(w / s + z), 0, 2**bits - 1)

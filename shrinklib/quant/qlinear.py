@@ -1,9 +1,18 @@
-"""QuantLinear: a linear layer stored as packed integer codes plus per-group scales and zeros.
+"""QuantLinear: a linear layer whose weight is a `QTensor`, on one of several backends.
 
-The codes, scales and zeros are persistent buffers, so `model_size_bytes` counts them at
-their stored size. The forward pass dequantizes (W = s * (q - z), the kernels' layout) and
-calls `F.linear`: a pure-PyTorch reference, not a fast kernel. The dequantized weight is
-kept as a runtime cache between calls (invalidated when a buffer changes).
+Every backend stores the same representation (codes, float16 scales and s·z, group size,
+format, bits) in its own layout and computes y = x Wᵀ its own way:
+
+    "reference"  QuantLinear: codes packed as a bit stream; dequantize, then `F.linear`
+    "int"        kernels.modules.IntLinear: bit planes for the packed-int GEMV (qmatmul)
+    "codebook"   the same kernel with a 16-entry table (NF4, FP4)
+    "lut"        kernels.modules.LUTLinear: T-MAC lookup-table GEMV (1-4 bits)
+
+Each backend is a subclass of QuantLinear with the same constructor `(qt, bias)` and the same
+`qtensor()`, so `shrinklib.quant.set_backend_` moves a quantized model between them without
+loss. The buffers are persistent, so `model_size_bytes` counts what each backend stores.
+The reference keeps its dequantized weight as a runtime cache between calls (invalidated
+when a buffer changes).
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .formats import dequantize_codes
+from .formats import QTensor, dequantize, quantize
 
 
 def pack_codes(q: Tensor, bits: int) -> Tensor:
@@ -56,49 +65,91 @@ def unpack_codes(packed: Tensor, bits: int, in_features: int) -> Tensor:
 
 
 class QuantLinear(nn.Module):
-    """A weight-only quantized linear layer (integer grid, per-group scales and zeros)."""
+    """A weight-only quantized linear layer on the reference backend (dequantize, then F.linear),
+    and the base class of every backend."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
-                 device=None):
+    backend = "reference"
+
+    def __init__(self, qt: QTensor, bias: Tensor | None = None):
         super().__init__()
-        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
-        n_groups = -(-in_features // group_size)
-        self.register_buffer("qweight", torch.zeros(out_features, -(-in_features * bits // 8), dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, n_groups, device=device))
-        self.register_buffer("zeros", torch.zeros(out_features, n_groups, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self.out_features, self.in_features = qt.q.shape
+        self.bits, self.group_size, self.fmt = qt.bits, qt.group_size, qt.fmt
+        self.pack_(qt)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     @classmethod
-    def from_codes(cls, q: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int, bias: Tensor | None = None) -> QuantLinear:
-        """Build from codes q (out, in) and scales/zeros (out, n_groups)."""
-        out, d = q.shape
-        m = cls(d, out, bits, group_size, bias is not None, device=q.device)
-        m.qweight.copy_(pack_codes(q, bits))
-        m.scales.copy_(scales.float())
-        m.zeros.copy_(zeros.float())
-        if bias is not None:
-            m.bias.data.copy_(bias.detach().float())
-        return m
+    def empty(cls, in_features: int, out_features: int, bits: int, group_size: int, fmt: str = "int",
+              bias: bool = False) -> QuantLinear:
+        """A layer of the right shapes holding zeros, to load a state dict into."""
+        G = -(-in_features // group_size)
+        qt = QTensor(torch.zeros(out_features, in_features, dtype=torch.uint8), torch.ones(out_features, G),
+                     torch.zeros(out_features, G), group_size, fmt, bits)
+        return cls(qt, torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_qtensor(cls, qt: QTensor, bias: Tensor | None = None) -> QuantLinear:
+        return cls(qt, bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 64, fmt: str = "int",
+                    symmetric: bool = False) -> QuantLinear:
+        """Round-to-nearest of an nn.Linear's weight, on this backend."""
+        return cls(quantize(linear.weight.detach().float(), fmt, bits, group_size, symmetric), linear.bias)
+
+    @classmethod
+    def from_codes(cls, q: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int,
+                   bias: Tensor | None = None) -> QuantLinear:
+        """From integer codes q (out, in) and scales/zeros (out, n_groups) (see `storage_grid`)."""
+        return cls(QTensor(q, scales, zeros, group_size, "int", bits), bias)
+
+    def pack_(self, qt: QTensor) -> None:
+        """Store qt in this backend's layout (buffers)."""
+        self.register_buffer("qweight", pack_codes(qt.q, qt.bits))
+        self.register_buffer("scales", qt.scales.to(torch.float16))
+        self.register_buffer("szeros", (qt.scales * qt.zeros).to(torch.float16))
+
+    def qtensor(self) -> QTensor:
+        """The representation this layer stores (exactly the quantizer's output)."""
+        q = unpack_codes(self.qweight, self.bits, self.in_features)
+        s = self.scales.float()
+        return QTensor(q, s, self.szeros.float() / s, self.group_size, self.fmt, self.bits)
 
     def unpacked(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(q, scales, zeros) in the kernels' layout: q uint8 (out, in), scales/zeros (out, n_groups)."""
-        return unpack_codes(self.qweight, self.bits, self.in_features), self.scales, self.zeros
+        """(q, scales, zeros): q uint8 (out, in), scales/zeros float32 (out, n_groups)."""
+        qt = self.qtensor()
+        return qt.q, qt.scales, qt.zeros
+
+    def dequantized_weight(self) -> Tensor:
+        """The float32 weight (out, in) this layer applies."""
+        return dequantize(self.qtensor())
 
     def _weight_cached(self) -> Tensor:
         """The dequantized weight, recomputed only when a buffer changed (a runtime cache,
         not part of the state dict, so sizes count the packed form)."""
-        key = (self.qweight._version, self.scales._version, self.zeros._version, self.qweight.data_ptr(), self.qweight.device)
+        key = (self.qweight._version, self.scales._version, self.szeros._version, self.qweight.data_ptr(),
+               self.qweight.device)
         if getattr(self, "_cache_key", None) != key:
             self._cache, self._cache_key = self.dequantized_weight(), key
         return self._cache
-
-    def dequantized_weight(self) -> Tensor:
-        q, s, z = self.unpacked()
-        return dequantize_codes(q, s, z, self.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
         W = self._weight_cached().to(x.dtype)  # (out, in)
         return F.linear(x, W, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+        kind = f"int{self.bits}" if self.fmt == "int" else self.fmt
+        return f"in={self.in_features}, out={self.out_features}, {kind}, group_size={self.group_size}, backend={self.backend}"
+
+
+BACKENDS = ("reference", "int", "codebook", "lut")
+
+
+def backend_class(backend: str) -> type[QuantLinear]:
+    """The QuantLinear subclass of a backend name (the kernels compile on first use)."""
+    if backend == "reference":
+        return QuantLinear
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {list(BACKENDS)}")
+    from ..kernels import modules  # the compiled kernels: imported only when a kernel backend is asked for
+
+    return {"int": modules.IntLinear, "codebook": modules.IntLinear, "lut": modules.LUTLinear}[backend]
