@@ -4,7 +4,8 @@
 
 Executes each notebook once per configuration (below) in a fresh process, each into its own
 outputs folder under `--work` (default `build/spread`; results already there, newer than the
-notebook, are reused unless `--force`), then writes `outputs/spread/NN_topic.json` and prints a
+notebook, are reused; `--reuse` keeps older ones too, e.g. after an edit of the tolerances alone;
+`--force` re-runs everything), then writes `outputs/spread/NN_topic.json` and prints a
 table: every metric's value in each configuration (and in the committed results file, which may
 come from another CPU), its spread, the tolerance the notebook declares and the one the rule
 gives, and every claim whose verdict differs between configurations.
@@ -60,12 +61,13 @@ def config_env(name: str) -> dict:
     return env
 
 
-def execute(notebook: Path, config: str, work: Path, force: bool) -> dict:
-    """Run one notebook under one configuration (unless its results are already there); returns
-    {"results": dict or None, "error": str or None}."""
+def execute(notebook: Path, config: str, work: Path, force: bool, reuse: bool = False) -> dict:
+    """Run one notebook under one configuration (unless its results are already there: newer than
+    the notebook, or any with `reuse`); returns {"results": dict or None, "error": str or None}."""
     out = work / config
     path = out / "results" / f"{notebook.stem}.json"
-    if force or not path.is_file() or path.stat().st_mtime < notebook.stat().st_mtime:
+    stale = path.is_file() and path.stat().st_mtime < notebook.stat().st_mtime and not reuse
+    if force or not path.is_file() or stale:
         path.unlink(missing_ok=True)
         env = {**config_env(config), "SHRINKLIB_OUTPUTS": str(out)}
         cmd = [sys.executable, "-m", "shrinklib.run", str(notebook), "--out", str(out / "notebooks")]
@@ -82,7 +84,7 @@ def execute(notebook: Path, config: str, work: Path, force: bool) -> dict:
     return {"results": json.loads(path.read_text()) if path.is_file() else None, "error": error}
 
 
-def run_all(notebooks: list[Path], configs: list[str], work: Path, jobs: int, force: bool) -> dict:
+def run_all(notebooks: list[Path], configs: list[str], work: Path, jobs: int, force: bool, reuse: bool = False) -> dict:
     """{notebook stem: {config: execute(...)}}; at most `jobs` threads busy at once."""
     threads = {c: int(CONFIGS[c][1]["SHRINKLIB_THREADS"]) for c in configs}
     free, cond = [jobs], threading.Condition()
@@ -93,7 +95,7 @@ def run_all(notebooks: list[Path], configs: list[str], work: Path, jobs: int, fo
             cond.wait_for(lambda: free[0] >= need)
             free[0] -= need
         try:
-            return execute(nb, config, work, force)
+            return execute(nb, config, work, force, reuse)
         finally:
             with cond:
                 free[0] += need
@@ -163,15 +165,18 @@ def _looser(a, b) -> bool:
     return key(a) > key(b)
 
 
-def analyse(notebook: str, runs: dict) -> dict:
-    """The spread record of one notebook: values per configuration, spreads, declared and
-    suggested tolerances per metric and per declared entry, claims per configuration."""
-    stored_path = STORED_RESULTS / f"{notebook}.json"
+def analyse(notebook: str, runs: dict, extra: dict | None = None) -> dict:
+    """The spread record of one notebook: values per configuration (plus the committed results
+    file and `extra` {label: results folder}, e.g. runs on other machines, where their parameters
+    match), spreads, declared and suggested tolerances per metric and per declared entry, claims
+    per configuration. The declared tolerances are the committed file's, else the runs'."""
     columns = {c: r["results"] for c, r in runs.items() if r["results"] is not None and not r["error"]}
-    stored = json.loads(stored_path.read_text()) if stored_path.is_file() else None
-    if stored and all(stored.get("params") == res.get("params") for res in columns.values()):
-        columns[STORED] = stored
-    declared = next((res.get("tolerances") or {} for res in columns.values()), {})
+    for label, folder in {STORED: STORED_RESULTS, **(extra or {})}.items():
+        path = Path(folder) / f"{notebook}.json"
+        other = json.loads(path.read_text()) if path.is_file() else None
+        if other and all(other.get("params") == res.get("params") for res in columns.values()):
+            columns[label] = other
+    declared = next((res.get("tolerances") for res in [columns.get(STORED, {}), *columns.values()] if res.get("tolerances")), {})
     flat = {c: flatten_metrics(res.get("metrics", {})) for c, res in columns.items()}
     names = list(dict.fromkeys(n for f in flat.values() for n in f))
     metrics, entries = {}, {}
@@ -193,7 +198,8 @@ def analyse(notebook: str, runs: dict) -> dict:
         for cl in res.get("claims", []):
             claims.setdefault(cl["claim"], {})[c] = {"holds": cl["holds"], "evidence": cl.get("evidence")}
     return {"notebook": notebook, "rule": {"K": K, "floor": FLOOR},
-            "configs": {c: CONFIGS[c][0] if c in CONFIGS else "the committed results file" for c in columns},
+            "configs": {c: CONFIGS[c][0] if c in CONFIGS else "the committed results file" if c == STORED
+                        else f"results from {(extra or {})[c]}" for c in columns},
             "failed": {c: r["error"] for c, r in runs.items() if r["error"]},
             "metrics": metrics, "entries": entries,
             "unused_entries": [p for p in declared if p not in entries and not any(m["entry"] == p for m in metrics.values())],
@@ -229,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="threads in use at once (two 1-thread runs side by side with 2)")
     ap.add_argument("--work", type=Path, default=REPO / "build" / "spread", help="outputs of the runs (reused)")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "spread", help="where the spread records go")
+    ap.add_argument("--extra", action="append", default=[], metavar="LABEL=FOLDER",
+                    help="results files of another machine (same parameters) as one more column")
     ap.add_argument("--force", action="store_true", help="re-run even where results are already in --work")
+    ap.add_argument("--reuse", action="store_true", help="reuse results in --work even if older than the notebook")
     args = ap.parse_args(argv)
     configs = args.configs.split(",")
     unknown = [c for c in configs if c not in CONFIGS]
@@ -238,9 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown configuration {unknown}" if unknown else f"no such notebook {missing}" if missing else "--jobs >= 1")
     if args.out.resolve() == STORED_RESULTS.resolve():
         ap.error("outputs/results holds the notebooks' results files only")
-    runs = run_all([p.resolve() for p in args.notebooks], configs, args.work.resolve(), args.jobs, args.force)
+    extra = dict(e.split("=", 1) for e in args.extra if "=" in e)
+    if len(extra) != len(args.extra):
+        ap.error("--extra takes LABEL=FOLDER")
+    runs = run_all([p.resolve() for p in args.notebooks], configs, args.work.resolve(), args.jobs, args.force, args.reuse)
     for notebook, by_config in runs.items():
-        rec = analyse(notebook, by_config)
+        rec = analyse(notebook, by_config, extra)
         atomic_write_text(args.out / f"{notebook}.json", json.dumps(rec, indent=1, ensure_ascii=False) + "\n")
         print(report(rec) + "\n", flush=True)
     return 0

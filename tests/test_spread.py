@@ -39,12 +39,16 @@ def test_analyse_and_report(monkeypatch, tmp_path):
                             "claims": [{"claim": "A beats B", "holds": holds, "evidence": {"a": ppl}}], "tolerances": tol},
                 "error": None}
 
-    rec = S.analyse("99_demo", {"native": run(10.0, True, 1.0), "avx2": run(10.2, False, 3.0)})
+    other = tmp_path / "other-cpu"
+    other.mkdir()
+    (other / "99_demo.json").write_text(json.dumps(run(10.1, True, 2.0)["results"]))
+    rec = S.analyse("99_demo", {"native": run(10.0, True, 1.0), "avx2": run(10.2, False, 3.0)}, {"other": other})
+    assert list(rec["configs"]) == ["native", "avx2", "other"] and rec["metrics"]["ppl.a"]["values"]["other"] == 10.1
     assert rec["metrics"]["ppl.a"]["suggested"] == 0.06 and rec["metrics"]["ppl.b"]["suggested"] == S.FLOOR
     assert rec["entries"] == {"ppl.*": {"declared": 0.5, "suggested": 0.06, "metrics": 2},
                               "n": {"declared": 0, "suggested": 0.0, "metrics": 1},
                               "t": {"declared": None, "suggested": None, "metrics": 1}}
     assert rec["flipped_claims"] == ["A beats B"]
     text = S.report(rec)
-    assert "{'ppl.*': 0.06, 'n': 0.0, 't': None}" in text and "claim flips: 'A beats B': native True, avx2 False" in text
+    assert "{'ppl.*': 0.06, 'n': 0.0, 't': None}" in text and "claim flips: 'A beats B': native True, avx2 False, other True" in text
     json.dumps(rec)  # the record is plain JSON
