@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
+WORKERS ?= 2
 
-.PHONY: setup kernels run test notebooks bench clean
+.PHONY: setup kernels run test notebooks spread bench clean
 
 setup: $(STAMP) kernels
 
@@ -35,12 +36,20 @@ run: setup
 notebooks: setup
 	$(PY) -m shrinklib.run --store $(ARGS)
 
-# Unit tests, kernel-vs-reference tests, runner tests, and every notebook under nbval.
-# The notebooks executed by the tests write their figures and results under build/, so a
-# test run never changes the committed outputs.
+# Unit tests, kernel-vs-reference tests, runner tests, and every notebook under nbval, each
+# notebook followed by the comparison of its fresh results file with the committed one, within
+# the file's tolerances. The notebooks executed by the tests write their figures and results
+# under build/, so a test run never changes the committed outputs. WORKERS processes (one thread
+# each) share the work a file at a time, the longest notebooks first.
 test: setup
 	rm -rf build/test-outputs
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 SHRINKLIB_OUTPUTS=$(CURDIR)/build/test-outputs $(PY) -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 SHRINKLIB_OUTPUTS=$(CURDIR)/build/test-outputs \
+	  $(PY) -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+
+# How far each metric of the named notebooks moves across CPU configurations, and the tolerances
+# that follow from it: make spread ARGS="notebooks/02_post_training_quantization.ipynb --jobs 2"
+spread: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m shrinklib.spread $(ARGS)
 
 bench: setup
 	@if [ -f shrinklib/bench.py ]; then $(PY) -m shrinklib.bench $(ARGS); fi

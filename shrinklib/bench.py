@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(markdown_table([{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()} for r in model_rows]))
     goals = targets(rows, model_rows, bw)
     print(markdown_table([{**g, "measured": round(g["measured"], 2)} for g in goals]))
-    res = Results("03_bench", {"quick": quick, "simd": K.simd_path(), "threads": torch.get_num_threads()})
+    res = Results("03_bench", {"quick": quick, "simd": K.simd_path(), "threads": torch.get_num_threads()},
+                  tolerances={"*": None})  # timings of this machine: never compared
     res.metrics.update({"bandwidth_GBps": bw / 1e9, "peak_GFLOPs": fl / 1e9, "layers": rows, "model": model_rows, "targets": goals})
     if not quick:
         res.save()

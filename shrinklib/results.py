@@ -2,11 +2,22 @@
 
 Results files share one shape:
     {"notebook": "02_post_training_quantization", "params": {...}, "metrics": {...},
-     "claims": [{"claim": ..., "source": ..., "holds": true, "evidence": {...}}]}
+     "claims": [{"claim": ..., "source": ..., "holds": true, "evidence": {...}}],
+     "tolerances": {"ppl.*": 0.02, "size_bytes.*": 0, "seconds.*": null}}
+
+`tolerances` says how far each metric may move across CPUs and BLAS builds. A metric's name
+is its path in `metrics` joined by "." (`ppl.gptq/4bit`; a list of dicts or lists is indexed,
+`layers.0.ms`; a list of plain values is one metric, compared element by element). Keys are
+metric names or `fnmatch` patterns; the exact name wins, else the longest matching pattern.
+A value is a relative tolerance (`0.02`; `0` = exact), `{"rel": r, "abs": a}` (|new - stored|
+<= a + r·|stored|, for values near zero), or `None`: not compared (wall-clock times, speeds).
+`compare_results` holds a fresh results file to the stored one: the test suite runs it after
+executing each notebook.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -19,10 +30,13 @@ FIGSIZE = (7.0, 4.0)  # inches; one size for every figure of the suite
 DPI = 110
 
 
+STORED_RESULTS = Path(__file__).resolve().parent.parent / "outputs" / "results"  # the committed results files
+
+
 def outputs_dir() -> Path:
     """`$SHRINKLIB_OUTPUTS`, else the repository's `outputs/` folder."""
     env = os.environ.get("SHRINKLIB_OUTPUTS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "outputs"
+    return Path(env) if env else STORED_RESULTS.parent
 
 
 @dataclass
@@ -37,13 +51,23 @@ class Claim:
 
 
 class Results:
-    """Collects a notebook's parameters, metrics and claims; `save()` writes the JSON."""
+    """Collects a notebook's parameters, metrics, claims and tolerances; `save()` writes the JSON.
 
-    def __init__(self, notebook: str, params: dict | None = None):
+    Args:
+        notebook: the notebook's name, e.g. "02_post_training_quantization".
+        params: its parameters (compared exactly between runs).
+        tolerances: metric name or pattern -> how far it may move across CPUs (see the module
+            docstring); `save()` refuses metrics that no entry covers. Also settable later as
+            `results.tolerances`.
+    """
+
+    def __init__(self, notebook: str, params: dict | None = None, tolerances: dict | None = None):
         self.notebook = notebook
         self.params = dict(params or {})
         self.metrics: dict = {}
         self.claims: list[Claim] = []
+        self.tolerances = dict(tolerances or {})
+        check_tolerances(self.tolerances)
 
     def claim(self, claim: str, source: str, holds: bool, evidence: dict, assert_it: bool = True) -> Claim:
         """Record a claim; with `assert_it`, a claim that no longer holds raises AssertionError
@@ -51,7 +75,7 @@ class Results:
         c = Claim(claim, source, bool(holds), _jsonable(evidence), assert_it)
         self.claims.append(c)
         if assert_it and not c.holds:
-            self.save()
+            self._write()  # the failing claim is the error to report, covered tolerances or not
             raise AssertionError(f"Claim does not hold: {claim} ({source}); evidence: {c.evidence}")
         return c
 
@@ -61,13 +85,182 @@ class Results:
             "params": _jsonable(self.params),
             "metrics": _jsonable(self.metrics),
             "claims": [asdict(c) for c in self.claims],
+            "tolerances": dict(self.tolerances),
         }
 
     def save(self, name: str | None = None) -> Path:
-        """Write `outputs/results/<name or notebook>.json` atomically and return its path."""
+        """Write `outputs/results/<name or notebook>.json` atomically and return its path.
+
+        Raises:
+            ValueError: a tolerance is malformed, or a metric has no tolerance.
+        """
+        check_tolerances(self.tolerances)
+        missing = [n for n in flatten_metrics(_jsonable(self.metrics)) if tolerance_of(n, self.tolerances) is None]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise ValueError(f"{self.notebook}: no tolerance covers the metrics {shown}; declare how far each may move "
+                             "across CPUs in results.tolerances (name or fnmatch pattern -> relative tolerance, 0 for exact, "
+                             '{"rel": r, "abs": a}, or None for wall-clock figures that are not compared)')
+        return self._write(name)
+
+    def _write(self, name: str | None = None) -> Path:
         path = outputs_dir() / "results" / f"{name or self.notebook}.json"
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
         return path
+
+
+def flatten_metrics(metrics: dict, prefix: str = "") -> dict:
+    """Metric name -> value: dict keys joined by ".", lists of dicts or lists indexed ("layers.0.ms");
+    a list of plain values is one metric."""
+    flat = {}
+    items = metrics.items() if isinstance(metrics, dict) else enumerate(metrics)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value)):
+            sub = flatten_metrics(value, name + ".")
+        else:
+            sub = {name: value}
+        clash = flat.keys() & sub.keys()
+        if clash:
+            raise ValueError(f"two metrics flatten to the same name {sorted(clash)[0]!r}")
+        flat.update(sub)
+    return flat
+
+
+def check_tolerances(tolerances: dict) -> None:
+    """Raise ValueError naming the first malformed entry of a `tolerances` mapping."""
+    if not isinstance(tolerances, dict):
+        raise ValueError(f"tolerances must be a dict of metric name or pattern -> tolerance, got {type(tolerances).__name__}")
+    for key, tol in tolerances.items():
+        ok = isinstance(key, str) and (tol is None or _nonneg(tol) or (
+            isinstance(tol, dict) and tol and set(tol) <= {"rel", "abs"} and all(_nonneg(v) for v in tol.values())))
+        if not ok:
+            raise ValueError(f"tolerance {key!r}: {tol!r} is not a relative tolerance >= 0, "
+                             '{"rel": r, "abs": a} with r, a >= 0, or None (not compared)')
+
+
+def tolerance_of(name: str, tolerances: dict) -> tuple[str, float | dict | None] | None:
+    """(the entry, its tolerance) covering a metric: the exact name, else the longest matching
+    pattern (the first declared among equals); None when nothing covers it."""
+    if name in tolerances:
+        return name, tolerances[name]
+    matches = [p for p in tolerances if fnmatch.fnmatchcase(name, p)]
+    if not matches:
+        return None
+    best = max(matches, key=len)
+    return best, tolerances[best]
+
+
+def within(stored, fresh, tol) -> bool:
+    """Whether a fresh metric value is within `tol` of the stored one (lists element by element;
+    strings, booleans and None exactly)."""
+    if tol is None:
+        return True
+    rel, abs_ = (tol.get("rel", 0.0), tol.get("abs", 0.0)) if isinstance(tol, dict) else (tol, 0.0)
+    if _number(stored) and _number(fresh):
+        return abs(fresh - stored) <= abs_ + rel * abs(stored)
+    if isinstance(stored, list) and isinstance(fresh, list):
+        return len(stored) == len(fresh) and all(within(a, b, tol) for a, b in zip(stored, fresh))
+    return type(stored) is type(fresh) and stored == fresh
+
+
+def compare_results(stored: dict, fresh: dict) -> list[str]:
+    """Every difference between a stored results file and a fresh run that its tolerances do not
+    allow, one line each naming the notebook, the metric (or parameter, or claim), both values and
+    the tolerance; [] when the fresh run reproduces the stored one."""
+    nb = stored.get("notebook", "?")
+    problems = []
+
+    def problem(msg: str) -> None:
+        problems.append(f"{nb}: {msg}")
+
+    if fresh.get("notebook") != nb:
+        problem(f"the fresh results are of notebook {fresh.get('notebook')!r}")
+    sp, fp = stored.get("params", {}), fresh.get("params", {})
+    for key in [k for k in sp if k not in fp] + [k for k in fp if k not in sp]:
+        problem(f"parameter {key}: stored {sp.get(key, '(absent)')!r}, new {fp.get(key, '(absent)')!r}")
+    for key in [k for k in sp if k in fp and sp[k] != fp[k]]:
+        problem(f"parameter {key}: stored {sp[key]!r}, new {fp[key]!r} (parameters are compared exactly)")
+    tolerances = stored.get("tolerances")
+    if not isinstance(tolerances, dict):
+        problem("the stored results file declares no tolerances: re-store it (make notebooks)")
+        return problems
+    if fresh.get("tolerances") != tolerances:
+        problem(f"tolerances: stored {tolerances}, new {fresh.get('tolerances')}: the notebook's declaration changed; "
+                "re-store its results deliberately (make notebooks)")
+    sm, fm = flatten_metrics(stored.get("metrics", {})), flatten_metrics(fresh.get("metrics", {}))
+    for name in [n for n in sm if n not in fm]:
+        problem(f"metric {name}: stored {_show(sm[name])}, missing from the new results")
+    for name in [n for n in fm if n not in sm]:
+        problem(f"metric {name}: new {_show(fm[name])}, not in the stored results")
+    for name in [n for n in sm if n in fm]:
+        entry = tolerance_of(name, tolerances)
+        if entry is None:
+            problem(f"metric {name}: no tolerance declared for it")
+        elif not within(sm[name], fm[name], entry[1]):
+            problem(f"metric {name}: stored {_show(sm[name])}, new {_show(fm[name])}{_change(sm[name], fm[name], entry[1])}, "
+                    f"tolerance {_describe(entry[1])} (from {entry[0]!r})")
+    problems += [f"{nb}: {msg}" for msg in _compare_claims(stored.get("claims", []), fresh.get("claims", []))]
+    return problems
+
+
+def compare_files(stored: str | Path, fresh: str | Path) -> list[str]:
+    """`compare_results` of two results files; a missing file is a problem of its own."""
+    stored, fresh = Path(stored), Path(fresh)
+    for path, what in ((stored, "stored"), (fresh, "fresh")):
+        if not path.is_file():
+            return [f"{stored.stem}: no {what} results file {path}"]
+    return compare_results(json.loads(stored.read_text()), json.loads(fresh.read_text()))
+
+
+def _compare_claims(stored: list[dict], fresh: list[dict]) -> list[str]:
+    """Claims are matched by their text: the same claims, each with the same verdict."""
+    problems = []
+    sc, fc = {c["claim"]: c for c in stored}, {c["claim"]: c for c in fresh}
+    problems += [f"claim {t!r}: stored, missing from the new results" for t in sc if t not in fc]
+    problems += [f"claim {t!r}: new, not in the stored results" for t in fc if t not in sc]
+    for text in [t for t in sc if t in fc]:
+        s, f = sc[text], fc[text]
+        if s["holds"] != f["holds"]:
+            problems.append(f"claim {text!r}: holds was {s['holds']}, now {f['holds']} "
+                            f"(stored evidence {s.get('evidence')}, new {f.get('evidence')})")
+        if s.get("asserted", True) != f.get("asserted", True):
+            problems.append(f"claim {text!r}: asserted was {s.get('asserted', True)}, now {f.get('asserted', True)}")
+    return problems
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _nonneg(v) -> bool:
+    return _number(v) and math.isfinite(v) and v >= 0
+
+
+def _show(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.8g}"
+    if isinstance(v, list) and len(v) > 6:
+        return "[" + ", ".join(_show(x) for x in v[:6]) + f", ... ({len(v)} values)]"
+    if isinstance(v, list):
+        return "[" + ", ".join(_show(x) for x in v) + "]"
+    return repr(v)
+
+
+def _change(stored, fresh, tol) -> str:
+    """' (relative change 3.1e-02)' for numbers; for lists, the first element out of tolerance."""
+    if _number(stored) and _number(fresh) and stored != 0:
+        return f" (relative change {abs(fresh - stored) / abs(stored):.1e})"
+    if isinstance(stored, list) and isinstance(fresh, list) and len(stored) == len(fresh):
+        i = next(i for i, (a, b) in enumerate(zip(stored, fresh)) if not within(a, b, tol))
+        return f" (first at index {i}: {_show(stored[i])} -> {_show(fresh[i])}{_change(stored[i], fresh[i], tol)})"
+    return ""
+
+
+def _describe(tol) -> str:
+    if isinstance(tol, dict):
+        return " + ".join(f"{k} {v:g}" for k, v in sorted(tol.items(), key=lambda kv: kv[0] != "rel"))
+    return "exact" if tol == 0 else f"rel {tol:g}"
 
 
 def _jsonable(obj):

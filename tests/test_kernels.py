@@ -1,5 +1,10 @@
 """Every compiled kernel against its pure-PyTorch reference, on every SIMD path, and bad input."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -280,3 +285,32 @@ def test_lut_module_switches_to_gemm_above_threshold(monkeypatch):
     torch.testing.assert_close(layer(many), many @ R.lut_dequantize(w).T + lin.bias, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(Mo, "DEQUANT_MAX_BYTES", 0)
     torch.testing.assert_close(layer(many), K.lut_gemv(many, w) + lin.bias, rtol=0, atol=0)
+
+
+def test_forced_simd_level_names_the_path_or_refuses():
+    assert K.forced_simd_level(None, 2) == 2 and K.forced_simd_level("", 1) == 1
+    assert K.forced_simd_level("avx2", 2) == 1 and K.forced_simd_level("scalar", 2) == 0
+    assert K.forced_simd_level("avx512-vnni", 2) == 2
+    with pytest.raises(ValueError, match="not a SIMD path; choose from avx512-vnni, avx2, scalar"):
+        K.forced_simd_level("neon", 2)
+    with pytest.raises(ValueError, match="SHRINKLIB_SIMD=avx512-vnni: this CPU lacks it \\(it runs avx2, scalar\\)"):
+        K.forced_simd_level("avx512-vnni", 1)
+
+
+def test_tests_cover_every_path_of_this_run():
+    """PATHS (the parametrization above) is every path this run may use; without SHRINKLIB_SIMD,
+    every path the CPU has (AVX-512/VNNI too, where present)."""
+    assert PATHS == K.simd_paths() and PATHS[-1] == "scalar" and K.simd_path() == PATHS[0]
+    if not os.environ.get(K.SIMD_ENV):
+        assert len(PATHS) == torch.ops.shrink.simd_max_level() + 1
+
+
+def test_simd_env_forces_a_path_for_the_whole_run():
+    """In a fresh process (the path is read once, at import): the scalar path every CPU has."""
+    code = "import json; from shrinklib import kernels as K; print(json.dumps([K.simd_path(), K.simd_paths()]))"
+    env = {**os.environ, K.SIMD_ENV: "scalar"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == ["scalar", ["scalar"]]
+    env[K.SIMD_ENV] = "sse9"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "SHRINKLIB_SIMD='sse9' is not a SIMD path" in bad.stderr

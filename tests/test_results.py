@@ -1,8 +1,10 @@
+import copy
 import json
 
 import pytest
 
 from shrinklib import results as R
+from shrinklib.run import discover
 
 
 @pytest.fixture
@@ -12,14 +14,14 @@ def outputs(tmp_path, monkeypatch):
 
 
 def test_results_file_has_the_shared_shape(outputs):
-    r = R.Results("99_demo", params={"bits": 3})
+    r = R.Results("99_demo", params={"bits": 3}, tolerances={"gptq/*": 0.02})
     r.metrics[("gptq", 3)] = 41.25
     r.claim("GPTQ beats RTN at 3-bit", "GPTQ, Table 3", True, {"gptq": 41.2, "rtn": 58.9})
     path = r.save()
     assert path == outputs / "results" / "99_demo.json"
     data = json.loads(path.read_text())
-    assert set(data) == {"notebook", "params", "metrics", "claims"}
-    assert data["metrics"] == {"gptq/3": 41.25}
+    assert list(data) == ["notebook", "params", "metrics", "claims", "tolerances"]
+    assert data["metrics"] == {"gptq/3": 41.25} and data["tolerances"] == {"gptq/*": 0.02}
     assert data["claims"][0] == {"claim": "GPTQ beats RTN at 3-bit", "source": "GPTQ, Table 3", "holds": True,
                                  "evidence": {"gptq": 41.2, "rtn": 58.9}, "asserted": True}
 
@@ -64,3 +66,126 @@ def test_jsonable_handles_tensors_and_nan():
 
 def test_markdown_table():
     assert R.markdown_table([{"m": "rtn", "ppl": 12.3456}]) == "| m | ppl |\n|---|---|\n| rtn | 12.3 |"
+
+
+# Tolerances and the comparison of a fresh results file with the stored one
+
+def test_save_refuses_a_metric_without_a_tolerance(outputs):
+    r = R.Results("99_demo", tolerances={"ppl.*": 0.02})
+    r.metrics.update(ppl={"rtn": 15.2}, seconds=0.3)
+    with pytest.raises(ValueError, match="99_demo: no tolerance covers the metrics seconds;"):
+        r.save()
+    assert not (outputs / "results").exists()  # nothing written
+    r.tolerances["seconds"] = None  # wall-clock: not compared, but declared
+    assert r.save().is_file()
+
+
+def test_a_failing_claim_is_reported_even_before_tolerances_are_complete(outputs):
+    r = R.Results("99_demo")
+    r.metrics["x"] = 1.0
+    with pytest.raises(AssertionError, match="Claim does not hold"):
+        r.claim("X beats Y", "paper", False, {})
+
+
+@pytest.mark.parametrize("bad", [{"a": -0.1}, {"a": "0.1"}, {"a": True}, {"a": {"rel": 0.1, "atol": 1}}, {"a": {}},
+                                 {"a": float("nan")}, {"a": {"abs": -1}}, {3: 0.1}])
+def test_malformed_tolerances_are_refused(bad):
+    with pytest.raises(ValueError, match="is not a relative tolerance"):
+        R.Results("99_demo", tolerances=bad)
+
+
+def test_tolerance_of_prefers_the_exact_name_then_the_longest_pattern():
+    tol = {"ppl.*": 0.02, "ppl.fp32": 0.001, "ppl.*/3bit": 0.05, "*": None}
+    assert R.tolerance_of("ppl.fp32", tol) == ("ppl.fp32", 0.001)
+    assert R.tolerance_of("ppl.gptq/3bit", tol) == ("ppl.*/3bit", 0.05)
+    assert R.tolerance_of("ppl.gptq/4bit", tol) == ("ppl.*", 0.02)
+    assert R.tolerance_of("seconds", tol) == ("*", None)
+    assert R.tolerance_of("seconds", {"ppl.*": 0}) is None
+
+
+def test_flatten_metrics_names():
+    metrics = {"ppl": {"rtn/4bit": 15.2, "fp32": 11.9}, "layers": [{"ms": 0.2}, {"ms": 0.3}],
+               "scores": [0.5, 0.25], "load": [[0.5, 0.5], [1.0, 0.0]], "kept": None, "empty": {}}
+    assert R.flatten_metrics(metrics) == {"ppl.rtn/4bit": 15.2, "ppl.fp32": 11.9, "layers.0.ms": 0.2, "layers.1.ms": 0.3,
+                                          "scores": [0.5, 0.25], "load.0": [0.5, 0.5], "load.1": [1.0, 0.0], "kept": None}
+    with pytest.raises(ValueError, match="same name 'a.b'"):
+        R.flatten_metrics({"a.b": 1, "a": {"b": 2}})
+
+
+def test_within():
+    assert R.within(100.0, 101.9, 0.02) and not R.within(100.0, 102.1, 0.02)
+    assert R.within(-100.0, -101.9, 0.02)  # relative to |stored|
+    assert R.within(7, 7, 0) and not R.within(7, 8, 0) and not R.within(0.1, 0.1 + 1e-12, 0)
+    assert R.within(1e-6, 3e-5, {"abs": 1e-4}) and not R.within(1e-6, 2e-4, {"abs": 1e-4})
+    assert R.within(10.0, 10.6, {"rel": 0.05, "abs": 0.1}) and not R.within(10.0, 10.7, {"rel": 0.05, "abs": 0.1})
+    assert R.within(3.0, 1e9, None)  # not compared
+    assert R.within([1.0, 2.0], [1.01, 1.99], 0.02) and not R.within([1.0, 2.0], [1.0], 0.5)
+    assert not R.within([1.0, 2.0], [1.0, 2.1], 0.02)
+    assert R.within("RM 2", "RM 2", 0.5) and not R.within("RM 2", "RM 3", 0.5)
+    assert R.within(None, None, 0.1) and not R.within(None, 1.0, 0.1) and not R.within(True, 1, 0.1)
+
+
+def stored_file(name="02_post_training_quantization"):
+    return json.loads((R.STORED_RESULTS / f"{name}.json").read_text())
+
+
+def test_every_stored_results_file_declares_tolerances_covering_its_metrics():
+    names = [p.stem for p in discover()]
+    assert sorted(p.stem for p in R.STORED_RESULTS.glob("*.json")) == names
+    for name in names:
+        data = stored_file(name)
+        R.check_tolerances(data.get("tolerances"))
+        missing = [m for m in R.flatten_metrics(data["metrics"]) if R.tolerance_of(m, data["tolerances"]) is None]
+        assert not missing, f"{name}: no tolerance for {missing}"
+        assert R.compare_results(data, copy.deepcopy(data)) == []
+
+
+def test_a_wrong_stored_metric_fails_the_comparison_with_a_clear_message():
+    """Edit one value of a copy of a real results file: the comparison names the notebook, the
+    metric, the stored and new values and the tolerance."""
+    fresh = stored_file()
+    stored = copy.deepcopy(fresh)
+    name, tol = "ppl.gptq/3bit", R.tolerance_of("ppl.gptq/3bit", stored["tolerances"])
+    assert tol is not None and isinstance(tol[1], float) and tol[1] < 0.2
+    stored["metrics"]["ppl"]["gptq/3bit"] *= 1.2  # a wrong stored value
+    problems = R.compare_results(stored, fresh)
+    assert len(problems) == 1
+    msg = problems[0]
+    new = fresh["metrics"]["ppl"]["gptq/3bit"]
+    assert msg.startswith(f"02_post_training_quantization: metric {name}: stored {new * 1.2:.8g}, new {new:.8g}")
+    assert f"tolerance rel {tol[1]:g} (from {tol[0]!r})" in msg
+    # within its tolerance, the same edit passes
+    stored["metrics"]["ppl"]["gptq/3bit"] = new * (1 + tol[1] / 2)
+    assert R.compare_results(stored, fresh) == []
+
+
+def test_the_comparison_covers_params_metric_sets_claims_and_tolerances(tmp_path):
+    base = {"notebook": "99_demo", "params": {"bits": 3}, "metrics": {"ppl": 10.0, "t": 1.0, "n": 5},
+            "claims": [{"claim": "A beats B", "source": "s", "holds": True, "evidence": {"a": 1}, "asserted": True}],
+            "tolerances": {"ppl": 0.01, "t": None, "n": 0}}
+    fresh = copy.deepcopy(base)
+    fresh["metrics"]["t"] = 99.0  # not compared
+    assert R.compare_results(base, fresh) == []
+    fresh["params"]["bits"] = 4
+    fresh["metrics"]["n"] = 6
+    fresh["metrics"]["extra"] = 1
+    del fresh["metrics"]["ppl"]
+    fresh["claims"][0]["holds"] = False
+    fresh["claims"].append({"claim": "C beats D", "source": "s", "holds": True, "evidence": {}})
+    fresh["tolerances"]["ppl"] = 0.5
+    problems = R.compare_results(base, fresh)
+    assert problems == [
+        "99_demo: parameter bits: stored 3, new 4 (parameters are compared exactly)",
+        "99_demo: tolerances: stored {'ppl': 0.01, 't': None, 'n': 0}, new {'ppl': 0.5, 't': None, 'n': 0}: "
+        "the notebook's declaration changed; re-store its results deliberately (make notebooks)",
+        "99_demo: metric ppl: stored 10, missing from the new results",
+        "99_demo: metric extra: new 1, not in the stored results",
+        "99_demo: metric n: stored 5, new 6 (relative change 2.0e-01), tolerance exact (from 'n')",
+        "99_demo: claim 'C beats D': new, not in the stored results",
+        "99_demo: claim 'A beats B': holds was True, now False (stored evidence {'a': 1}, new {'a': 1})",
+    ]
+    (tmp_path / "stored.json").write_text(json.dumps(base))
+    assert R.compare_files(tmp_path / "stored.json", tmp_path / "nothing.json") == [
+        f"stored: no fresh results file {tmp_path / 'nothing.json'}"]
+    del base["tolerances"]
+    assert R.compare_results(base, base) == ["99_demo: the stored results file declares no tolerances: re-store it (make notebooks)"]

@@ -4,12 +4,18 @@ The C++ sources in `kernels/` are compiled on first import with torch.utils.cpp_
 cached under `cache_dir()/kernels/<key>`, the key hashing the torch version, the compiler
 flags and the sources, so a stale build is never loaded. Every public function validates its
 input in Python (clear `TypeError`/`ValueError`) before calling the kernel.
+
+Each kernel picks its SIMD path (AVX-512/VNNI, AVX2, scalar) from the CPU at run time.
+`SHRINKLIB_SIMD=avx2` (or `scalar`, `avx512-vnni`) forces a path for a whole run, and hides the
+better ones from `simd_paths()`, so one machine runs as a CPU without them would (with
+`ATEN_CPU_CAPABILITY` doing the same for torch's own kernels).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -35,6 +41,7 @@ SOURCES = sorted((Path(__file__).resolve().parents[2] / "kernels").glob("*.cpp")
 CFLAGS = ["-O3", "-fopenmp"]  # SIMD through per-function target attributes; the C++ standard is torch's own
 LDFLAGS = ["-fopenmp"]
 SIMD_NAMES = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
+SIMD_ENV = "SHRINKLIB_SIMD"  # force one SIMD path for a whole run
 INT_BITS = (2, 3, 4, 8)
 LUT_BITS = (1, 2, 3, 4)
 
@@ -81,14 +88,35 @@ _ops = torch.ops.shrink  # every kernel, as torch operators
 _lib = BUILD["module"]  # the per-token kernels bound directly (~2 us less per call than torch.ops)
 
 
+def forced_simd_level(value: str | None, cpu_max: int) -> int:
+    """The highest SIMD level a run may use: `cpu_max`, or the path named by `$SHRINKLIB_SIMD`.
+
+    Raises:
+        ValueError: an unknown path name, or a path this CPU cannot run.
+    """
+    if not value:
+        return cpu_max
+    names = {v: k for k, v in SIMD_NAMES.items()}
+    if value not in names:
+        raise ValueError(f"{SIMD_ENV}={value!r} is not a SIMD path; choose from {', '.join(reversed(SIMD_NAMES.values()))}")
+    if names[value] > cpu_max:
+        have = ", ".join(SIMD_NAMES[i] for i in range(cpu_max, -1, -1))
+        raise ValueError(f"{SIMD_ENV}={value}: this CPU lacks it (it runs {have})")
+    return names[value]
+
+
+_max_level = forced_simd_level(os.environ.get(SIMD_ENV), _ops.simd_max_level())
+_ops.set_simd_level(_max_level)
+
+
 def simd_path() -> str:
     """The SIMD path the kernels use now: 'avx512-vnni', 'avx2' or 'scalar'."""
     return SIMD_NAMES[_ops.simd_level()]
 
 
 def simd_paths() -> list[str]:
-    """Every path this CPU can run, best first."""
-    return [SIMD_NAMES[i] for i in range(_ops.simd_max_level(), -1, -1)]
+    """Every path this run can use, best first: those of the CPU, capped by `$SHRINKLIB_SIMD`."""
+    return [SIMD_NAMES[i] for i in range(_max_level, -1, -1)]
 
 
 @contextlib.contextmanager
@@ -96,7 +124,8 @@ def use_simd(path: str):
     """Force a SIMD path (e.g. 'scalar') inside a `with` block."""
     names = {v: k for k, v in SIMD_NAMES.items()}
     if path not in names or path not in simd_paths():
-        raise ValueError(f"SIMD path {path!r} is not available here; choose from {simd_paths()}")
+        forced = f" ({SIMD_ENV}={os.environ[SIMD_ENV]})" if os.environ.get(SIMD_ENV) else ""
+        raise ValueError(f"SIMD path {path!r} is not available here{forced}; choose from {simd_paths()}")
     old = _ops.simd_level()
     _ops.set_simd_level(names[path])
     try:
