@@ -189,3 +189,11 @@ def test_the_comparison_covers_params_metric_sets_claims_and_tolerances(tmp_path
         f"stored: no fresh results file {tmp_path / 'nothing.json'}"]
     del base["tolerances"]
     assert R.compare_results(base, base) == ["99_demo: the stored results file declares no tolerances: re-store it (make notebooks)"]
+
+
+def test_assert_claims_false_records_a_failing_claim_without_raising(outputs):
+    r = R.Results("99_demo", assert_claims=False)
+    c = r.claim("X beats Y", "paper", False, {"x": 2, "y": 1})
+    assert not c.holds and c.asserted  # the default run would assert it; this run records it
+    with pytest.raises(TypeError, match="assert_claims"):
+        R.Results("99_demo", assert_claims="false")
