@@ -359,3 +359,24 @@ def markdown_table(rows: list[dict], floatfmt: str = ".3g") -> str:
 
     head = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
     return head + "\n".join("| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows)
+
+
+class Table:
+    """A list of dicts (same keys) shown as a table: rendered from Markdown in JupyterLab and on a
+    repository page, as the Markdown text in a console."""
+
+    def __init__(self, rows: list[dict], floatfmt: str = ".3g"):
+        self.text = markdown_table(rows, floatfmt)
+
+    def _repr_markdown_(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def show_table(rows: list[dict], floatfmt: str = ".3g") -> None:
+    """Display rows as a rendered table in a notebook (print it where there is no notebook)."""
+    from IPython.display import display
+
+    display(Table(rows, floatfmt))

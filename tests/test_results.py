@@ -197,3 +197,8 @@ def test_assert_claims_false_records_a_failing_claim_without_raising(outputs):
     assert not c.holds and c.asserted  # the default run would assert it; this run records it
     with pytest.raises(TypeError, match="assert_claims"):
         R.Results("99_demo", assert_claims="false")
+
+
+def test_table_renders_as_markdown_and_reads_as_text():
+    t = R.Table([{"m": "rtn", "ppl": 12.3456}])
+    assert t._repr_markdown_() == repr(t) == "| m | ppl |\n|---|---|\n| rtn | 12.3 |"
