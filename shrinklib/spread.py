@@ -15,7 +15,8 @@ identical in every configuration keeps an exact declaration (0) if it has one (i
 analytic values), else gets the float floor `FLOOR`. A value that moves gets
     max(FLOOR, K × the largest relative deviation between two configurations),
 rounded up to one significant digit; an entry declared absolute ({"abs": a}, for values near
-zero) gets K × the largest absolute deviation the same way. A pattern's suggestion is the largest
+zero) gets K × the largest absolute deviation the same way, at least FLOOR × the largest |value|
+(FLOOR itself for zeros). A pattern's suggestion is the largest
 of its metrics'. Strings, lists of integers and other discrete values that move cannot be given
 a tolerance: they are listed, like flipped claims, as results the experiment must make robust.
 """
@@ -26,9 +27,11 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from itertools import permutations
 from pathlib import Path
@@ -72,9 +75,10 @@ def execute(notebook: Path, config: str, work: Path, force: bool, reuse: bool = 
         env = {**config_env(config), "SHRINKLIB_OUTPUTS": str(out)}
         cmd = [sys.executable, "-m", "shrinklib.run", str(notebook), "--out", str(out / "notebooks")]
         print(f"  {notebook.stem} [{config}] ...", flush=True)
+        t0 = time.perf_counter()
         run = subprocess.run(cmd, env=env, capture_output=True, text=True)
         status = "ok" if run.returncode == 0 else "FAILED"
-        print(f"  {notebook.stem} [{config}] {status}", flush=True)
+        print(f"  {notebook.stem} [{config}] {status} in {time.perf_counter() - t0:.0f} s", flush=True)
         error = None if run.returncode == 0 else (run.stderr.strip().splitlines() or ["?"])[-1]
         (out / f"{notebook.stem}.error").unlink(missing_ok=True)
         if error:
@@ -136,17 +140,24 @@ def _integral(v) -> bool:
     return isinstance(v, (int, str, bool)) or v is None or (isinstance(v, list) and all(_integral(x) for x in v))
 
 
+def _discrete(v) -> bool:
+    """A label, a verdict or a selection (a list of indices or names), as opposed to a quantity."""
+    if isinstance(v, list):
+        return all(_integral(x) for x in v)
+    return isinstance(v, (str, bool)) or v is None
+
+
 def suggest(values: list, declared) -> tuple[object, str]:
     """(the rule's tolerance, a note) for one metric's values across configurations; the
     tolerance is "varies" where no tolerance can hold them (a discrete value that moves)."""
     if declared is None:
         return None, "not compared"
     dev = deviations(values)
-    if dev is None or (dev != (0.0, 0.0) and all(_integral(v) for v in values)):
+    if dev is None or (dev != (0.0, 0.0) and all(_discrete(v) for v in values)):
         return "varies", "a discrete value that differs between configurations"
     rel, abs_ = dev
     if isinstance(declared, dict) and "abs" in declared:
-        return {"abs": round_up(max(K * abs_, FLOOR * max(_magnitude(values), 1e-30)))}, "absolute"
+        return {"abs": round_up(max(K * abs_, FLOOR * (_magnitude(values) or 1.0)))}, "absolute"
     if dev == (0.0, 0.0):
         return (0.0, "exact everywhere") if declared == 0 or all(_integral(v) for v in values) else (FLOOR, "float floor")
     if math.isinf(rel):
@@ -197,7 +208,7 @@ def analyse(notebook: str, runs: dict, extra: dict | None = None) -> dict:
     for c, res in [*columns.items(), *[(c, r["results"]) for c, r in runs.items() if r["error"] and r["results"]]]:
         for cl in res.get("claims", []):
             claims.setdefault(cl["claim"], {})[c] = {"holds": cl["holds"], "evidence": cl.get("evidence")}
-    return {"notebook": notebook, "rule": {"K": K, "floor": FLOOR},
+    record = {"notebook": notebook, "rule": {"K": K, "floor": FLOOR},
             "configs": {c: CONFIGS[c][0] if c in CONFIGS else "the committed results file" if c == STORED
                         else f"results from {(extra or {})[c]}" for c in columns},
             "failed": {c: r["error"] for c, r in runs.items() if r["error"]},
@@ -205,6 +216,30 @@ def analyse(notebook: str, runs: dict, extra: dict | None = None) -> dict:
             "unused_entries": [p for p in declared if p not in entries and not any(m["entry"] == p for m in metrics.values())],
             "claims": claims,
             "flipped_claims": [t for t, by in claims.items() if len({v["holds"] for v in by.values()}) > 1]}
+    record["declaration"] = declaration(record)
+    return record
+
+
+def declaration(rec: dict) -> dict:
+    """The tolerances to declare: each declared entry at the largest of its metrics' rule values;
+    where that is loose (over 100 x FLOOR), also the exact name of each metric whose own rule value
+    is at least 3x tighter (not for list positions, which other parameters may shift)."""
+    decl = {}
+    for entry, e in rec["entries"].items():
+        decl[entry] = e["suggested"]
+        if not _looser(e["suggested"], 100 * FLOOR):
+            continue
+        for name, m in rec["metrics"].items():
+            if (m["entry"] == entry and name != entry and not re.search(r"\.\d+(\.|$)", name)
+                    and _looser(e["suggested"], _times(m["suggested"], 3))):
+                decl[name] = m["suggested"]
+    return decl
+
+
+def _times(tol, k: float):
+    if isinstance(tol, dict):
+        return {key: v * k for key, v in tol.items()}
+    return tol * k if isinstance(tol, (int, float)) else tol
 
 
 def report(rec: dict) -> str:
@@ -217,8 +252,8 @@ def report(rec: dict) -> str:
         vals = [fmt(m["values"].get(c, "-")) for c in cols]
         spread = "-" if m["rel_spread"] is None else f"{m['rel_spread']:.1e}"
         lines.append(f"| {name} | " + " | ".join(vals) + f" | {spread} | {m['declared']} | {m['suggested']} |")
-    lines += ["", "tolerances by the rule (per declared entry):", "{" + ", ".join(
-        f"{p!r}: {e['suggested']!r}" for p, e in rec["entries"].items()) + "}"]
+    lines += ["", "tolerances by the rule, to declare in the notebook:", "results.tolerances = {" + ", ".join(
+        f"{p!r}: {t!r}" for p, t in declaration(rec).items()).replace("'", '"') + "}"]
     differ = {p: e for p, e in rec["entries"].items() if e["declared"] != e["suggested"]}
     lines += [f"  {p!r}: declared {e['declared']!r}, rule {e['suggested']!r}" for p, e in differ.items()]
     lines += [f"metric {n}: {m['note']}: {m['values']}" for n, m in rec["metrics"].items() if m["suggested"] == "varies"]

@@ -27,6 +27,7 @@ def test_the_rule():
     assert S.suggest([1.0, 99.0], None) == (None, "not compared")
     assert S.suggest([2e-5, 5e-5], {"abs": 1}) == ({"abs": 9e-5}, "absolute")
     assert S.suggest([[1, 2], [2, 1]], 0)[0] == "varies"  # a selection that differs
+    assert S.suggest([166387077, 166387105], 0)[0] == 1e-5  # a byte count is a quantity
     assert S.suggest([0.0, 0.03], 0.5)[0] == "varies"  # relative spread undefined at zero
 
 
@@ -49,6 +50,7 @@ def test_analyse_and_report(monkeypatch, tmp_path):
                               "n": {"declared": 0, "suggested": 0.0, "metrics": 1},
                               "t": {"declared": None, "suggested": None, "metrics": 1}}
     assert rec["flipped_claims"] == ["A beats B"]
+    assert rec["declaration"] == {"ppl.*": 0.06, "ppl.b": S.FLOOR, "n": 0.0, "t": None}  # ppl.b: >= 3x tighter, 0.06 loose
     text = S.report(rec)
-    assert "{'ppl.*': 0.06, 'n': 0.0, 't': None}" in text and "claim flips: 'A beats B': native True, avx2 False, other True" in text
+    assert 'results.tolerances = {"ppl.*": 0.06, "ppl.b": 1e-05, "n": 0.0, "t": None}' in text and "claim flips: 'A beats B': native True, avx2 False, other True" in text
     json.dumps(rec)  # the record is plain JSON
