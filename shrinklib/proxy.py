@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from .checks import (TokenizerMismatchError, VocabularyMismatchError, check_same_tokenizer, check_shared_vocabulary,
-                     check_token_ids, vocab_size)
+                     check_token_ids, context_length, vocab_size)
 from .tasks import Example, exact_match, format_prompt
 
 __all__ = ["ProxyTuningLogitsProcessor", "TokenizerMismatchError", "VocabularyMismatchError", "check_same_tokenizer",
@@ -77,13 +77,16 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
         self.tokenizers, self.large_size = tokenizers, None  # the large model's size: from its first scores
         check_shared_vocabulary(self.sizes, tokenizers, USE)
         self.tuned, self.untuned = _Follower(tuned, pad_token_id), _Follower(untuned, pad_token_id)
+        contexts = [c for c in (context_length(tuned), context_length(untuned)) if c]
+        self.max_len = min(contexts) if contexts else None  # the small pair reads the whole sequence too
         self.alpha = alpha
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if self.large_size != scores.shape[-1]:
             check_shared_vocabulary({"large": scores.shape[-1], **self.sizes}, self.tokenizers, USE)
             self.large_size = scores.shape[-1]
-        check_token_ids(input_ids, vocab=min(v for v in self.sizes.values() if v), what="proxy tuning's input_ids")
+        check_token_ids(input_ids, vocab=min(v for v in self.sizes.values() if v), max_len=self.max_len,
+                        what="proxy tuning's input_ids")
         return proxy_logits(scores, self.tuned.logits(input_ids), self.untuned.logits(input_ids), self.alpha)
 
 

@@ -148,3 +148,40 @@ def test_yaml_keys_given_twice_are_refused():
     assert load_yaml("a: 1\nb: {c: 2}\n") == {"a": 1, "b": {"c": 2}}
     with pytest.raises(ValueError, match=r"key 'bits' is given twice in one mapping \(lines 2 and 3\)"):
         load_yaml("steps:\n  - rtn: {bits: 4,\n          bits: 3}\n")
+
+
+def test_every_entry_point_refuses_sequences_longer_than_the_context():
+    """The same entry points refuse sequences beyond max_position_embeddings (256 here) with the lengths."""
+    from shrinklib.calib import sequential
+    from shrinklib.evaluate import perplexity
+    from shrinklib.proxy import ProxyTuningLogitsProcessor
+    from shrinklib.speculative import speculative_generate
+
+    model, long = make_picollama(vocab=64), random_ids(1, 300, 64)
+    with pytest.raises(TokenIdsError, match="calibration input_ids has 300 tokens per sequence, more than the model's context of 256"):
+        sequential(model, long, lambda s: None, progress=False)
+    with pytest.raises(ValueError, match="seq_len=300 exceeds the model's context of 256 tokens"):
+        perplexity(model, long[0], seq_len=300)
+    with pytest.raises(TokenIdsError, match="input_ids has 300 tokens per sequence, more than the model's context of 256"):
+        speculative_generate(model, model, long, 4)
+    with pytest.raises(TokenIdsError, match="proxy tuning's input_ids has 300 tokens per sequence"):
+        ProxyTuningLogitsProcessor(model, model)(long, torch.zeros(1, 64))
+
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.zeros(1, 4), "must hold integer token ids"),
+    (torch.zeros(4, dtype=torch.long), r"must be 2-D \(n, L\)"),
+    (torch.zeros(1, 0, dtype=torch.long), r"needs at least 1 token\(s\)"),
+])
+def test_entry_points_refuse_ids_of_the_wrong_type_shape_or_length(ids, message):
+    from shrinklib.calib import sequential
+    from shrinklib.proxy import ProxyTuningLogitsProcessor
+    from shrinklib.speculative import speculative_generate
+
+    model = make_picollama(vocab=64)
+    with pytest.raises(TokenIdsError, match=message):
+        sequential(model, ids, lambda s: None, progress=False)
+    with pytest.raises(TokenIdsError, match=message):
+        speculative_generate(model, model, ids, 4)
+    with pytest.raises(TokenIdsError, match=message):
+        ProxyTuningLogitsProcessor(model, model)(ids, torch.zeros(1, 64))

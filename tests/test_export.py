@@ -245,3 +245,13 @@ def test_the_current_folder_is_never_an_export_target(tmp_path, monkeypatch):
         with pytest.raises(FileExistsError, match="is the current folder or holds it"):
             export_safetensors(make_picollama(), target, overwrite=True)
     assert (tmp_path / "here").is_dir()
+
+
+def test_an_existing_file_is_never_replaced_by_an_export(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(FileExistsError, match="is a file or a link, not a folder"):
+        export_safetensors(make_picollama(), notes)
+    with pytest.raises(FileExistsError, match="is a file or a link, not a folder"):
+        export_safetensors(make_picollama(), notes, overwrite=True)
+    assert notes.read_text() == "mine"

@@ -138,3 +138,17 @@ def test_a_draft_of_another_vocabulary_is_refused_up_front(pair):
         speculative_generate(target, other, random_ids(1, 4, V - 16, 0), 4)
     with pytest.raises(ValueError, match=r"one prompt, shape \(1, n\); got \(2, 4\)"):
         speculative_generate(target, target, random_ids(2, 4, V, 0), 4)
+
+
+def test_two_different_tokenizers_are_refused_up_front(pair):
+    from test_proxy import _tokenizer
+
+    from shrinklib.checks import TokenizerMismatchError
+
+    target, draft = pair
+    words = ["<unk>"] + [f"w{i}" for i in range(V - 1)]
+    same, other = _tokenizer(words), _tokenizer(words[:1] + words[2:] + words[1:2])
+    x = random_ids(1, 4, V, 0)
+    with pytest.raises(TokenizerMismatchError):
+        speculative_generate(target, draft, x, 4, tokenizers=(same, other))
+    assert speculative_generate(target, draft, x, 4, tokenizers=(same, _tokenizer(words))).sequences.shape[1] == 8
