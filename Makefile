@@ -32,9 +32,10 @@ kernels: $(STAMP)
 run: setup
 	$(PY) -m shrinklib.run $(ARGS)
 
-# Re-execute the notebooks and store them, with their outputs, in notebooks/.
+# Re-execute the notebooks and store them, with their outputs, in notebooks/: WORKERS at a time with
+# one thread each, as the tests execute them. make notebooks ARGS="notebooks/02_*.ipynb" for some.
 notebooks: setup
-	$(PY) -m shrinklib.run --store $(ARGS)
+	ls $(or $(ARGS),notebooks/[0-9][0-9]_*.ipynb) | xargs -P $(WORKERS) -n 1 env SHRINKLIB_THREADS=1 $(PY) -m shrinklib.run --store
 
 # Unit tests, kernel-vs-reference tests, runner tests, and every notebook under nbval, each
 # notebook followed by the comparison of its fresh results file with the committed one, within

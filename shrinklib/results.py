@@ -48,6 +48,7 @@ class Claim:
     holds: bool
     evidence: dict = field(default_factory=dict)
     asserted: bool = True  # False where the notebook reports but does not assert (not robust at this scale)
+    timed: bool = False  # the verdict rests on wall-clock times: reported, never asserted nor compared across runs
 
 
 class Results:
@@ -76,13 +77,16 @@ class Results:
         self.tolerances = dict(tolerances or {})
         check_tolerances(self.tolerances)
 
-    def claim(self, claim: str, source: str, holds: bool, evidence: dict, assert_it: bool = True) -> Claim:
+    def claim(self, claim: str, source: str, holds: bool, evidence: dict, assert_it: bool = True,
+              timed: bool = False) -> Claim:
         """Record a claim; with `assert_it` (and the notebook's `assert_claims`), a claim that no longer
         holds raises AssertionError (after it is recorded), so a run that stops reproducing the paper
-        fails its test."""
-        c = Claim(claim, source, bool(holds), _jsonable(evidence), assert_it)
+        fails its test. A `timed` claim (its verdict compares wall-clock times, which depend on the
+        machine and its load) is recorded and reported but never asserted, and its verdict is not
+        compared with the stored one, as wall-clock metrics are not."""
+        c = Claim(claim, source, bool(holds), _jsonable(evidence), assert_it and not timed, bool(timed))
         self.claims.append(c)
-        if assert_it and self.assert_claims and not c.holds:
+        if c.asserted and self.assert_claims and not c.holds:
             self._write()  # the failing claim is the error to report, covered tolerances or not
             raise AssertionError(f"Claim does not hold: {claim} ({source}); evidence: {c.evidence}")
         return c
@@ -92,7 +96,7 @@ class Results:
             "notebook": self.notebook,
             "params": _jsonable(self.params),
             "metrics": _jsonable(self.metrics),
-            "claims": [asdict(c) for c in self.claims],
+            "claims": [{k: v for k, v in asdict(c).items() if k != "timed" or v} for c in self.claims],  # timed only when true
             "tolerances": dict(self.tolerances),
         }
 
@@ -229,7 +233,9 @@ def _compare_claims(stored: list[dict], fresh: list[dict]) -> list[str]:
     problems += [f"claim {t!r}: new, not in the stored results" for t in fc if t not in sc]
     for text in [t for t in sc if t in fc]:
         s, f = sc[text], fc[text]
-        if s["holds"] != f["holds"]:
+        if s.get("timed", False) != f.get("timed", False):
+            problems.append(f"claim {text!r}: timed was {s.get('timed', False)}, now {f.get('timed', False)}")
+        elif s["holds"] != f["holds"] and not s.get("timed", False):
             problems.append(f"claim {text!r}: holds was {s['holds']}, now {f['holds']} "
                             f"(stored evidence {s.get('evidence')}, new {f.get('evidence')})")
         if s.get("asserted", True) != f.get("asserted", True):
@@ -339,7 +345,9 @@ def claims_table(results: list[dict]) -> str:
     for r in results:
         for c in r.get("claims", []):
             mark = "yes" if c["holds"] else "NO"
-            if not c.get("asserted", True):
+            if c.get("timed", False):
+                mark += " (timed, this machine)"
+            elif not c.get("asserted", True):
                 mark += " (reported)"
             rows.append((r["notebook"], c["claim"], c["source"], mark))
     widths = [max(len(str(row[i])) for row in rows) for i in range(4)]

@@ -41,7 +41,7 @@ from .results import STORED_RESULTS, flatten_metrics, tolerance_of
 
 REPO = STORED_RESULTS.parent.parent
 K = 3  # tolerance = K × the largest deviation measured between two configurations
-FLOOR = 1e-5  # relative: float rounding that no configuration here happened to show
+FLOOR = 1e-4  # relative: float32 sums reorder with vector width and threads (1e-5 measured here); 10x for CPUs not measured
 # name -> (description, environment); every configuration fixes its thread count
 CONFIGS = {
     "native": ("this CPU's best paths (AVX-512/VNNI here), 1 thread", {"SHRINKLIB_THREADS": "1"}),

@@ -139,3 +139,15 @@ def test_configs_validate():
         RTNConfig(group_size=0)
     with pytest.raises(ValueError, match="fmt"):
         RTNConfig(fmt="int3")
+
+
+def test_one_bit_zero_point_grid_is_each_groups_min_and_max():
+    """T-MAC's 1-bit LUT layers take the 1-bit zero-point grid: two levels, the group's min and max."""
+    from shrinklib.quant.formats import dequantize, quantize
+
+    W = torch.tensor([[-1.0, 0.25, 0.5, 3.0], [2.0, 2.0, -2.0, 0.0]])
+    qt = quantize(W, "int", 1, 4, symmetric=False)
+    assert qt.q.tolist() == [[0, 0, 0, 1], [1, 1, 0, 0]]  # nearest of {min, max}; ties (0.0 on row 2) round half to even
+    torch.testing.assert_close(dequantize(qt), torch.tensor([[-1.0, -1.0, -1.0, 3.0], [2.0, 2.0, -2.0, -2.0]]))
+    with pytest.raises(ValueError, match="symmetric integer grids have 2..8 bits, got 1"):
+        quantize(W, "int", 1, 4, symmetric=True)

@@ -145,17 +145,17 @@ def test_a_wrong_stored_metric_fails_the_comparison_with_a_clear_message():
     metric, the stored and new values and the tolerance."""
     fresh = stored_file()
     stored = copy.deepcopy(fresh)
-    name, tol = "ppl.gptq/3bit", R.tolerance_of("ppl.gptq/3bit", stored["tolerances"])
-    assert tol is not None and isinstance(tol[1], float) and tol[1] < 0.2
-    stored["metrics"]["ppl"]["gptq/3bit"] *= 1.2  # a wrong stored value
+    name, tol = "ppl.rtn/3bit", R.tolerance_of("ppl.rtn/3bit", stored["tolerances"])
+    assert tol is not None and isinstance(tol[1], float) and tol[1] < 0.01
+    stored["metrics"]["ppl"]["rtn/3bit"] *= 1.01  # a wrong stored value
     problems = R.compare_results(stored, fresh)
     assert len(problems) == 1
     msg = problems[0]
-    new = fresh["metrics"]["ppl"]["gptq/3bit"]
-    assert msg.startswith(f"02_post_training_quantization: metric {name}: stored {new * 1.2:.8g}, new {new:.8g}")
+    new = fresh["metrics"]["ppl"]["rtn/3bit"]
+    assert msg.startswith(f"02_post_training_quantization: metric {name}: stored {new * 1.01:.8g}, new {new:.8g}")
     assert f"tolerance rel {tol[1]:g} (from {tol[0]!r})" in msg
     # within its tolerance, the same edit passes
-    stored["metrics"]["ppl"]["gptq/3bit"] = new * (1 + tol[1] / 2)
+    stored["metrics"]["ppl"]["rtn/3bit"] = new * (1 + tol[1] / 2)
     assert R.compare_results(stored, fresh) == []
 
 
@@ -202,3 +202,22 @@ def test_assert_claims_false_records_a_failing_claim_without_raising(outputs):
 def test_table_renders_as_markdown_and_reads_as_text():
     t = R.Table([{"m": "rtn", "ppl": 12.3456}])
     assert t._repr_markdown_() == repr(t) == "| m | ppl |\n|---|---|\n| rtn | 12.3 |"
+
+
+def test_a_timed_claim_is_reported_never_asserted_and_its_verdict_not_compared(outputs):
+    r = R.Results("99_demo", tolerances={"ms": None})
+    c = r.claim("the kernel is faster than torch", "paper", False, {"ms": 2.0}, timed=True)  # does not raise
+    assert not c.holds and not c.asserted and c.timed
+    r.claim("A beats B", "paper", True, {})
+    r.metrics["ms"] = 2.0
+    stored = json.loads(r.save().read_text())
+    assert stored["claims"][0]["timed"] is True and "timed" not in stored["claims"][1]
+    fresh = copy.deepcopy(stored)
+    fresh["claims"][0]["holds"] = True  # another machine, or the same one under load
+    assert R.compare_results(stored, fresh) == []
+    fresh["claims"][1]["holds"] = False  # a verdict on quality must not move
+    assert R.compare_results(stored, fresh) == ["99_demo: claim 'A beats B': holds was True, now False (stored evidence {}, new {})"]
+    del fresh["claims"][0]["timed"]
+    fresh["claims"][1]["holds"] = True
+    assert R.compare_results(stored, fresh) == ["99_demo: claim 'the kernel is faster than torch': timed was True, now False"]
+    assert "NO (timed, this machine)" in R.claims_table([stored])

@@ -27,7 +27,7 @@ def test_the_rule():
     assert S.suggest([1.0, 99.0], None) == (None, "not compared")
     assert S.suggest([2e-5, 5e-5], {"abs": 1}) == ({"abs": 9e-5}, "absolute")
     assert S.suggest([[1, 2], [2, 1]], 0)[0] == "varies"  # a selection that differs
-    assert S.suggest([166387077, 166387105], 0)[0] == 1e-5  # a byte count is a quantity
+    assert S.suggest([166387077, 166387105], 0)[0] == S.FLOOR  # a byte count is a quantity
     assert S.suggest([0.0, 0.03], 0.5)[0] == "varies"  # relative spread undefined at zero
 
 
@@ -52,5 +52,5 @@ def test_analyse_and_report(monkeypatch, tmp_path):
     assert rec["flipped_claims"] == ["A beats B"]
     assert rec["declaration"] == {"ppl.*": 0.06, "ppl.b": S.FLOOR, "n": 0.0, "t": None}  # ppl.b: >= 3x tighter, 0.06 loose
     text = S.report(rec)
-    assert 'results.tolerances = {"ppl.*": 0.06, "ppl.b": 1e-05, "n": 0.0, "t": None}' in text and "claim flips: 'A beats B': native True, avx2 False, other True" in text
+    assert 'results.tolerances = {"ppl.*": 0.06, "ppl.b": 0.0001, "n": 0.0, "t": None}' in text and "claim flips: 'A beats B': native True, avx2 False, other True" in text
     json.dumps(rec)  # the record is plain JSON

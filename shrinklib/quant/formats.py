@@ -191,8 +191,9 @@ def quantize(W: Tensor, fmt: str = "int", bits: int = 4, group_size: GroupSize =
     work = W.reshape(1, -1) if per_tensor else W  # per-tensor = one group over everything
     g = resolve_group_size(group_size, work.shape[1])
     if fmt == "int":
-        if not 2 <= bits <= 8:
-            raise ValueError(f"integer grids have 2..8 bits, got {bits}")
+        lowest = 2 if symmetric else 1  # a 1-bit zero-point grid is {min, max} (T-MAC's 1-bit LUT); absmax needs 2
+        if not lowest <= bits <= 8:
+            raise ValueError(f"{'symmetric ' if symmetric else ''}integer grids have {lowest}..8 bits, got {bits}")
         scales, zeros = int_params(work, bits, g, symmetric, clip)
         q = quantize_codes(work, scales, zeros, bits, g)
     elif fmt in TABLES:
