@@ -253,7 +253,7 @@ def report(rec: dict) -> str:
         spread = "-" if m["rel_spread"] is None else f"{m['rel_spread']:.1e}"
         lines.append(f"| {name} | " + " | ".join(vals) + f" | {spread} | {m['declared']} | {m['suggested']} |")
     lines += ["", "tolerances by the rule, to declare in the notebook:", "results.tolerances = {" + ", ".join(
-        f"{p!r}: {t!r}" for p, t in declaration(rec).items()).replace("'", '"') + "}"]
+        f"{p!r}: {t!r}" for p, t in rec["declaration"].items()).replace("'", '"') + "}"]
     differ = {p: e for p, e in rec["entries"].items() if e["declared"] != e["suggested"]}
     lines += [f"  {p!r}: declared {e['declared']!r}, rule {e['suggested']!r}" for p, e in differ.items()]
     lines += [f"metric {n}: {m['note']}: {m['values']}" for n, m in rec["metrics"].items() if m["suggested"] == "varies"]
