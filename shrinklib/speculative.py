@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
+from transformers.utils import logging as hf_logging
 
 from .checks import check_shared_vocabulary, check_token_ids, vocab_size
 
@@ -165,12 +166,17 @@ def assisted_generate(target: nn.Module, draft: nn.Module, input_ids: Tensor, ma
     gc = draft.generation_config
     saved = (getattr(gc, "num_assistant_tokens", None), getattr(gc, "num_assistant_tokens_schedule", None))
     gc.num_assistant_tokens, gc.num_assistant_tokens_schedule = gamma, "constant"
+    # transformers' candidate generator calls the draft's generate with both a config and arguments and
+    # warns about its own call (deprecation, a duplicated min-length processor): nothing for us to change
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         return target.generate(input_ids, attention_mask=torch.ones_like(input_ids), assistant_model=draft,
                                do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                pad_token_id=pad_token_id)
     finally:
         gc.num_assistant_tokens, gc.num_assistant_tokens_schedule = saved
+        hf_logging.set_verbosity(verbosity)
 
 
 def speedup_table(target: nn.Module, draft: nn.Module, prompts: list[Tensor], gammas: list[int],

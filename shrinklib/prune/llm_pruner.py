@@ -13,6 +13,7 @@ smaller config (`num_attention_heads`, `intermediate_size`), saved and loaded by
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -188,7 +189,9 @@ def lora_recover_(model: nn.Module, next_batch, steps: int = 30, lr: float = 2e-
     from ..train import TrainConfig, train
 
     targets = [p.rsplit(".", 1)[-1] for p in LLAMA_ROLES]
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets))
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing; nothing for us to change
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets))
     history = train(peft_model, next_batch, config=TrainConfig(steps=steps, lr=lr, warmup_steps=min(5, steps // 5), progress=progress))
     merged = peft_model.merge_and_unload()
     merged.eval()
