@@ -6,7 +6,7 @@ SmolLM2 decode tokens/s and 512-token prefill (with llama.cpp on the same GGUF b
 llama-cpp-python is installed), and saves `outputs/figures/03_bench_roofline.png`
 and `outputs/results/03_bench.json`. `--quick` runs the small default of notebook 03.
 
-Every layer is timed twice. *Streamed* (the headline columns): copies of the layer, together 4x
+Every layer is timed twice. *Streamed* (the headline columns): copies of the layer, together twice
 the last-level cache, are called in turn, so each weight comes from memory, as when a model whose
 weights exceed the cache decodes and reads every layer's weight once per token. *Hot*: one weight
 is called over and over and may sit in the cache (a 16 MiB int8 4096×4096 weight fits a 32 MiB
@@ -38,13 +38,15 @@ SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in)
 LARGE_SHAPES = [(4096, 4096), (11008, 4096)]
 
 
-def best_time(fn, min_time: float = 0.2, max_repeats: int = 200) -> float:
-    """Fastest seconds of fn() over repeats filling about `min_time` (after two warm-up calls): the
-    least-disturbed run, since other processes on a shared machine only ever add time."""
-    fn(), fn()
+def best_time(fn, min_time: float = 0.2, max_repeats: int = 200, warmup: int = 2, min_repeats: int = 5) -> float:
+    """Fastest seconds of fn() over repeats filling about `min_time` (at least `min_repeats`, after
+    `warmup` calls and one probe): the least-disturbed run, since other processes on a shared
+    machine only ever add time."""
+    for _ in range(warmup):
+        fn()
     t0 = time.perf_counter()
     fn()
-    n = int(min(max_repeats, max(5, min_time / max(time.perf_counter() - t0, 1e-6))))
+    n = int(min(max_repeats, max(min_repeats, min_time / max(time.perf_counter() - t0, 1e-6))))
     ts = []
     for _ in range(n):
         t = time.perf_counter()
@@ -74,12 +76,13 @@ def read_bandwidth(nbytes: int | None = None) -> float:
 def streamed_time(kernels: list, x, min_time: float = 0.2, max_repeats: int = 50) -> float:
     """Seconds per call when `kernels` (copies of one layer, together larger than the caches) are
     called in turn, as a decoding model calls its layers: each weight comes from memory, while the
-    code and the activations stay in the cache. The fastest of the passes."""
+    code and the activations stay in the cache. The fastest of at least 3 passes after one warm-up
+    pass: a pass already averages over every copy, so fewer passes than `best_time`'s default do."""
     def one_pass():
         for k in kernels:
             k(x)
 
-    return best_time(one_pass, min_time, max_repeats) / len(kernels)
+    return best_time(one_pass, min_time, max_repeats, warmup=1, min_repeats=3) / len(kernels)
 
 
 def peak_flops(n: int = 1024) -> float:
@@ -187,10 +190,11 @@ METHODS = {
 
 def bench_layers(shapes, batches=(1, 16), methods=None, min_time: float = 0.2) -> list[dict]:
     """One row per (shape, batch, method): ms, GB/s of weight bytes and speedup over float32
-    F.linear with the weight streamed from memory (copies of the layer, together 4x the
-    last-level cache, called in turn), and the same with one weight called over and over (hot).
-    One method's copies are in memory at a time (4x a 480 MiB cache is 1.9 GB per method)."""
-    rows, stream_bytes = [], 4 * last_level_cache_bytes()
+    F.linear with the weight streamed from memory (copies of the layer, together twice the
+    last-level cache, called in turn, so each copy is evicted before its next call), and the same
+    with one weight called over and over (hot). One method's copies are in memory at a time (twice
+    a 480 MiB cache is 960 MiB per method)."""
+    rows, stream_bytes = [], 2 * last_level_cache_bytes()
     for N, Kf in shapes:
         W = torch.randn(N, Kf, generator=torch.Generator().manual_seed(0)) / Kf**0.5
         xs = {M: torch.randn(M, Kf) for M in batches}
