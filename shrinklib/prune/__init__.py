@@ -15,7 +15,9 @@ from torch import Tensor, nn
 from ..arch import blocks, linears, named_linears
 from ..calib import BlockStep, collect_input_stats, sequential
 from ..checks import check_fields
+from .llm_pruner import LLMPrunerConfig, llm_prune_
 from .masks import check_nm, is_nm, magnitude_mask, nm_mask, sparsity_of, wanda_mask, wanda_score
+from .slicegpt import SliceGPTConfig, slicegpt_
 from .sparsegpt import reconstruction_error, sparsegpt_prune
 
 
@@ -145,6 +147,6 @@ def model_sparsity(model: nn.Module) -> float:
 
 
 __all__ = [
-    "METHODS", "Method", "PruneConfig", "is_nm", "layer_mask", "magnitude_mask", "model_sparsity", "nm_mask",
+    "LLMPrunerConfig", "METHODS", "Method", "PruneConfig", "SliceGPTConfig", "llm_prune_", "slicegpt_", "is_nm", "layer_mask", "magnitude_mask", "model_sparsity", "nm_mask",
     "prune_", "reconstruction_error", "sparsegpt_prune", "sparsity_of", "wanda_mask", "wanda_score",
 ]
