@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..arch import blocks, linears, named_linears
+from ..arch import blocks, linear_layers, linears, named_linears
 from ..calib import BlockStep, collect_input_stats, sequential
 from ..checks import check_fields
 from .llm_pruner import LLMPrunerConfig, llm_prune_
@@ -138,11 +138,15 @@ def prune_(model: nn.Module, config: PruneConfig, calib_ids: Tensor | None = Non
 
 
 def model_sparsity(model: nn.Module) -> float:
-    """Fraction of zeros over all linears of the decoder blocks."""
+    """Fraction of zeros over all linear layers of the decoder blocks (quantized ones included)."""
+    from ..export import linear_weight
+
     zeros = total = 0
-    for lin in named_linears(model).values():
-        zeros += (lin.weight == 0).sum().item()
-        total += lin.weight.numel()
+    for block in blocks(model):
+        for lin in linear_layers(block).values():
+            W = linear_weight(lin)
+            zeros += (W == 0).sum().item()
+            total += W.numel()
     return zeros / total
 
 
