@@ -198,11 +198,13 @@ def validate_order(steps: list[tuple[str, Params]]) -> None:
     frozen_at = None
     for i, (name, p) in enumerate(steps, 1):
         if frozen_at and STEPS[name].kind not in ("export", "evaluate"):
-            raise RecipeError(f"step {i} '{name}' cannot follow step {frozen_at[0]} '{frozen_at[1]}' (pack: true): "
-                              "packed integer layers cannot be trained, pruned or quantized again; move it before, "
-                              "or set pack: false there")
+            j, quant, packs = frozen_at
+            raise RecipeError(f"step {i} '{name}' cannot follow step {j} '{quant}' " + (
+                "(pack: true): packed integer layers cannot be trained, pruned or quantized again; move it before, or "
+                "set pack: false there" if packs else "(W8A8 layers): they cannot be trained, pruned or quantized "
+                "again; move it before"))
         if STEPS[name].kind == "quantize" and getattr(p, "pack", True):
-            frozen_at = (i, name)
+            frozen_at = (i, name, hasattr(p, "pack"))
 
 
 def q4_grid_after(p: Params, earlier: list[tuple[int, str, Params]]) -> None:

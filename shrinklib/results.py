@@ -441,3 +441,23 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
         if not dominated:
             front.append(k)
     return sorted(front, key=lambda k: points[k])
+
+
+def label_points(ax, xy: dict[str, tuple[float, float]], fontsize: int = 7) -> None:
+    """Write each key of `xy` beside its point (x, y), moving a label up or down, in steps of its
+    height, until it overlaps no label placed before it (a thin line then joins it to its point).
+    Call it after the axes' scales and limits are set."""
+    fig = ax.figure
+    fig.tight_layout()
+    fig.canvas.draw()  # label sizes in pixels need a drawn figure
+    placed = []
+    for label, (x, y) in sorted(xy.items(), key=lambda kv: (kv[1][1], kv[1][0])):
+        text = ax.annotate(label, (x, y), xytext=(4, 2), textcoords="offset points", fontsize=fontsize,
+                           arrowprops=dict(arrowstyle="-", lw=0.4, color="0.6", shrinkA=0, shrinkB=2))
+        for k in range(60):
+            box = text.get_window_extent()
+            if not any(box.overlaps(b) for b in placed):
+                break
+            step = (k // 2 + 1) * (box.height + 1) * (1 if k % 2 == 0 else -1) * 72 / fig.dpi  # points
+            text.set_position((4, 2 + step))
+        placed.append(text.get_window_extent())

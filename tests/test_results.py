@@ -232,3 +232,18 @@ def test_pareto_front_by_hand():
     # (MiB, perplexity): C is dominated by B (smaller and better), E by D; ties in one coordinate count
     pts = {"A": (100, 12.0), "B": (50, 12.5), "C": (60, 13.0), "D": (30, 15.0), "E": (30, 16.0), "F": (100, 12.0)}
     assert R.pareto_front(pts) == ["D", "B", "A", "F"]
+
+
+def test_labels_of_crowded_points_do_not_overlap():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig, ax = R.new_figure()
+    xy = {f"technique number {i}": (100.0 + (i % 3), 2.0 + 0.001 * i) for i in range(12)}  # nearly one spot
+    ax.scatter([x for x, _ in xy.values()], [y for _, y in xy.values()])
+    ax.set(xscale="log", yscale="log")
+    R.label_points(ax, xy)
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in ax.texts]
+    assert len(boxes) == 12
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
