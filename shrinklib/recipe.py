@@ -2,21 +2,19 @@
 
     name: smollm2-depth-gptq
     calibration: {corpus: pydoc, n: 16, seq_len: 256, seed: 0}
-    evaluation: {eval_tokens: 4096}          # perplexity after every step (0: off)
+    evaluation: {eval_tokens: 2048}          # perplexity after every step (0: off)
     steps:
       - minitron_depth: {n_drop: 6}
       - distill: {steps: 50, top_k: 64}
       - gptq: {bits: 4, group_size: 64, act_order: true}
       - export_gguf: {fmt: Q8_0}
 
-Each step registers the library's own configs and function: a step's fields are the fields of
-its configs (`gptq` takes every field of `quant.GPTQConfig`, plus `quantize_`'s `pack` and
-`backend`), so nothing is declared twice. `STEPS` holds one step per quantizer of
-`quant.METHODS` and pruner of `prune.METHODS`, Minitron's depth and width pruning, distillation,
-an evaluation and the exports; `python -m shrinklib steps` lists them with their fields. A new
-export is one `register_export` call. `shrinklib.recipe_checks` checks a recipe, and what it
-meets, before any work; `run_recipe` applies the steps with progress bars into a temporary folder
-that becomes --out only when every step succeeded; `apply_recipe` applies them to a model in memory.
+Each step registers the library's own configs and function, so nothing is declared twice: `gptq`
+takes every field of `quant.GPTQConfig` plus `quantize_`'s `pack` and `backend`. STEPS holds a step
+per quantizer of `quant.METHODS`, the pruners, Minitron, distillation, an evaluation and the
+exports (a new export is one `register_export` call); `python -m shrinklib steps` lists them.
+`recipe_checks` checks a recipe and what it meets before any work; `run_recipe` applies it into a
+temporary folder that becomes --out when every step succeeded; `apply_recipe` applies it in memory.
 """
 
 from __future__ import annotations
@@ -52,8 +50,7 @@ class StepFailed(RuntimeError):
 # ----------------------------------------------------------------------------- the registry
 
 
-def _none(*args) -> None:  # a hook that checks nothing
-    return None
+_none = lambda *args: None  # noqa: E731 (a hook that checks nothing)
 
 
 @dataclass(frozen=True)
