@@ -34,10 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     from .recipe import STEPS, RecipeError, load_recipe, prepare_run, run_recipe, summary_table
 
     if args.command == "steps":
-        from dataclasses import fields
+        from dataclasses import MISSING, fields
 
         for name, spec in sorted(STEPS.items()):
-            print(f"{name:20s} " + ", ".join(f"{f.name}={f.default!r}" for f in fields(spec.config)))
+            print(f"{name:20s} " + ", ".join(f"{f.name}={f.default!r}" for c in spec.configs for f in fields(c)
+                                             if f.init and f.default is not MISSING))
         return 0
     try:
         recipe = load_recipe(args.recipe)

@@ -35,14 +35,15 @@ class _Stop(Exception):
 CACHE_KWARGS = ("past_key_values", "past_key_value", "use_cache")  # a block call's KV-cache arguments
 
 
-def _to(obj, device):
-    """Move tensors (also inside tuples, lists and dicts) to `device`."""
+def to_device(obj, device):
+    """Move tensors (also inside tuples, lists and dicts, e.g. a batch or a block call's cached
+    arguments) to `device`."""
     if isinstance(obj, Tensor):
         return obj.to(device)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(to_device(o, device) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     return obj
 
 
@@ -73,6 +74,28 @@ def block_inputs(model: nn.Module, index: int, **inputs) -> tuple[Tensor, dict]:
     return captured.pop("hidden"), captured
 
 
+def cache_prefix(model: nn.Module, batch: dict, start: int) -> dict:
+    """`batch` plus what block `start` receives: the hidden states computed once by the frozen
+    embeddings and blocks below it, and the block call's other arguments (position embeddings,
+    mask). `final_hidden` then runs only blocks `start`, `start + 1`, ... on it, so training or
+    evaluating the top blocks costs a few blocks per step."""
+    hidden, kwargs = block_inputs(model, start, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return {**batch, "hidden": hidden, "block_kwargs": kwargs, "start": start}
+
+
+def final_hidden(model: nn.Module, batch: dict) -> Tensor:
+    """The decoder's last hidden states (n, L, d), after its final norm: from the token ids, or
+    from a `cache_prefix` batch by running only the blocks above the cached ones."""
+    if "hidden" not in batch:
+        out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return out.last_hidden_state
+    h = batch["hidden"]  # (n, L, d) entering block `start`
+    for block in blocks(model)[batch["start"]:]:
+        out = block(h, **batch["block_kwargs"])
+        h = out[0] if isinstance(out, tuple) else out
+    return layout(model).final_norm(model)(h)
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, input_ids: Tensor) -> tuple[Tensor, dict]:
     """Inputs of the first decoder block for every calibration sequence.
@@ -96,7 +119,7 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor) -> tuple[Tensor, d
 def run_block(block: nn.Module, hidden: Tensor, kwargs: dict, batch_size: int = 8) -> Tensor:
     """Outputs of one block for all inputs, in batches. Shape (n, L, d) in and out."""
     device = next(block.parameters()).device
-    kwargs = _to(kwargs, device)
+    kwargs = to_device(kwargs, device)
     outs = []
     for start in range(0, hidden.shape[0], batch_size):
         out = block(hidden[start : start + batch_size].to(device), **kwargs)
@@ -272,7 +295,7 @@ def sequential(
     hidden, kwargs = capture_block_inputs(model, input_ids)
     for i, block in enumerate(tqdm(blocks(model), desc=desc, disable=not progress)):
         source.load(i, block, device)
-        s = BlockStep(i, block, hidden.to(device), _to(kwargs, device), batch_size)
+        s = BlockStep(i, block, hidden.to(device), to_device(kwargs, device), batch_size)
         step(s)
         hidden = s.forward()
         source.release(i, block)

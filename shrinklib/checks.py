@@ -105,6 +105,24 @@ def check_fields(config) -> None:
         check_field(type(config).__name__, name, getattr(config, name), annotation)
 
 
+def options_of(fn, *names: str, check=None) -> type:
+    """A frozen config dataclass of the keyword parameters `names` of a function, with the function's
+    own annotations and defaults, checked by type (`check_fields`) and then by `check(self)`: a
+    function's options become config fields without being declared a second time."""
+    import dataclasses
+    import inspect
+
+    params, hints = inspect.signature(fn).parameters, typing.get_type_hints(fn)
+    spec = [(n, hints[n], dataclasses.field(default=params[n].default)) for n in names]
+
+    def post_init(self):
+        check_fields(self)
+        if check is not None:
+            check(self)
+
+    return dataclasses.make_dataclass(f"{fn.__name__}_options", spec, frozen=True, namespace={"__post_init__": post_init})
+
+
 # ----------------------------------------------------------------------------- token ids
 
 

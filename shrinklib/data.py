@@ -14,12 +14,14 @@ import hashlib
 import json
 import sys
 import sysconfig
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .checks import check_fields
 from .io import atomic_write_text
 
 SPLITS = ("calib", "train", "eval")
@@ -245,3 +247,25 @@ def sample_windows(ids: Tensor, n: int, seq_len: int, seed: int = 0, what: str =
 def calibration_batch(corpus: Corpus, tokenizer, n: int = 32, seq_len: int = 256, seed: int = 0, source=None) -> Tensor:
     """`n` calibration sequences of `seq_len` tokens drawn from the calibration part. (n, seq_len)."""
     return sample_windows(corpus.tokens(tokenizer, "calib", source), n, seq_len, seed, corpus.describe("calib"))
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """Training batches of `batch_size` random windows of `seq_len` tokens (distillation, pretraining)."""
+
+    batch_size: int = 4  # sequences per micro-batch
+    seq_len: int = 128  # tokens per sequence
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.batch_size < 1 or self.seq_len < 2:
+            raise ValueError(f"batch_size ≥ 1 and seq_len ≥ 2 needed, got {self.batch_size}, {self.seq_len}")
+
+
+def window_batches(ids: Tensor, config: WindowConfig, n_batches: int, seed: int = 0,
+                   what: str = "the text") -> Callable[[int], dict]:
+    """`batch(i)` for `shrinklib.train.train`: the i-th of `n_batches` fixed batches of random windows of
+    a 1-D id tensor, {"input_ids": (batch_size, seq_len)}, drawn once with `seed`."""
+    b = config.batch_size
+    windows = sample_windows(ids, n_batches * b, config.seq_len, seed, what)  # (n_batches·b, L)
+    return lambda i: {"input_ids": windows[i * b : (i + 1) * b]}

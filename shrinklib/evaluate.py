@@ -113,6 +113,23 @@ def model_size_bytes(model: nn.Module, include_buffers: bool = True) -> int:
     return sum(t.numel() * t.element_size() for t in keep)
 
 
+def sparse_size_bytes(model: nn.Module) -> int:
+    """Bytes as stored when unstructured zeros are stored sparse: each block linear takes the smaller
+    of its dense form and a bitmask (one bit per weight) plus its nonzero values at their bit width
+    (a quantized layer's `bits`); everything else as `model_size_bytes`."""
+    from .arch import blocks, linear_layers
+    from .export import linear_weight
+
+    saving = 0
+    for block in blocks(model):
+        for lin in linear_layers(block).values():
+            W = linear_weight(lin)  # (out, in)
+            b = getattr(lin, "bits", None) or lin.weight.element_size() * 8
+            n, nnz = W.numel(), int((W != 0).sum())
+            saving += max(0, n * b // 8 - (nnz * b + n) // 8)
+    return model_size_bytes(model) - saving
+
+
 def _persistent_buffers(model: nn.Module):
     for mod_name, mod in model.named_modules():
         for name, buf in mod.named_buffers(recurse=False):

@@ -440,6 +440,14 @@ def is_suite_gguf(path: str | Path) -> bool:
         return False
 
 
+def check_gguf_options(fmt: str, embed_type: str | None = None) -> None:
+    """A GGUF format this module writes, and an embedding storage of F32, F16 or Q8_0 (or None: by format)."""
+    if fmt not in GGUF_FORMATS:
+        raise ExportError(f"unknown GGUF format {fmt!r}; use one of {GGUF_FORMATS}")
+    if embed_type is not None and embed_type not in GGUF_FORMATS[:3]:
+        raise ExportError(f"embed_type must be one of {GGUF_FORMATS[:3]} or null (by format), got {embed_type!r}")
+
+
 def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, fmt: str = "F16", embed_type: str | None = None,
                 check: bool = True, check_ids: Tensor | None = None, name: str | None = None,
                 overwrite: bool = False) -> ExportReport:
@@ -455,8 +463,7 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, fmt: str = "
     """
     from gguf import GGUFWriter
 
-    if fmt not in GGUF_FORMATS:
-        raise ExportError(f"unknown GGUF format {fmt!r}; use one of {GGUF_FORMATS}")
+    check_gguf_options(fmt, embed_type)
     path = Path(path)
     check_file_target(path, overwrite, ours=path.is_file() and is_suite_gguf(path), what="GGUF file")
     if check_ids is not None:

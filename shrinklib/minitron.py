@@ -27,10 +27,46 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .arch import Layout, UnsupportedArchitectureError, layout
+from .checks import check_fields
 from .io import staged_folder
 
 MINITRON_URL = "https://arxiv.org/abs/2407.14679"
 LLAMA_MINITRON_URL = "https://arxiv.org/abs/2408.11796"
+LAYER_METRICS = ("ppl", "cosine")  # layer importance: loss increase when dropped, or Block Importance
+
+
+@dataclass(frozen=True)
+class MinitronDepthConfig:
+    """Depth pruning (`prune_depth_`): drop the `n_drop` least important layers."""
+
+    n_drop: int = 1
+    metric: str = "ppl"  # one of LAYER_METRICS
+    iterative: bool = False  # drop one layer at a time, re-scoring the rest
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.n_drop < 1:
+            raise ValueError(f"n_drop must be ≥ 1, got {self.n_drop}")
+        if self.metric not in LAYER_METRICS:
+            raise ValueError(f"metric must be one of {LAYER_METRICS}, got {self.metric!r}")
+
+
+@dataclass(frozen=True)
+class MinitronWidthConfig:
+    """Width pruning (`prune_width_iterative_`): keep the most important channels, neurons and heads."""
+
+    hidden: int | None = None  # embedding channels kept
+    intermediate: int | None = None  # MLP neurons kept per layer
+    heads_per_group: int | None = None  # query heads kept per KV group
+    iterations: int = 1  # importance re-estimated before each of this many stages (1: one shot)
+
+    def __post_init__(self):
+        check_fields(self)
+        if all(v is None for v in (self.hidden, self.intermediate, self.heads_per_group)):
+            raise ValueError("give at least one of hidden, intermediate, heads_per_group")
+        for k in ("hidden", "intermediate", "heads_per_group", "iterations"):
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                raise ValueError(f"{k} must be ≥ 1, got {getattr(self, k)}")
 
 
 def require_llama(model: nn.Module) -> Layout:

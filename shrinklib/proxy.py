@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessor
 
 from .checks import (TokenizerMismatchError, VocabularyMismatchError, check_same_tokenizer, check_shared_vocabulary,
                      check_token_ids, context_length, vocab_size)
-from .tasks import Example, exact_match, format_prompt
+from .tasks import Example, exact_match, generate_answers
 
 __all__ = ["ProxyTuningLogitsProcessor", "TokenizerMismatchError", "VocabularyMismatchError", "check_same_tokenizer",
            "gap_closed", "proxy_generate_answers", "proxy_logits", "proxy_task_accuracy"]
@@ -90,28 +90,15 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
         return proxy_logits(scores, self.tuned.logits(input_ids), self.untuned.logits(input_ids), self.alpha)
 
 
-@torch.no_grad()
 def proxy_generate_answers(large: nn.Module, tokenizer, examples: list[Example], tuned: nn.Module | None = None,
                            untuned: nn.Module | None = None, alpha: float = 1.0, max_new_tokens: int = 12,
                            batch_size: int = 16) -> list[str]:
-    """Greedy answers of the large model, proxy-tuned by (tuned, untuned) when both are given
-    (the same protocol as `shrinklib.tasks.generate_answers`: chat prompt, left padding)."""
-    device = next(large.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    outs = []
-    try:
-        for i in range(0, len(examples), batch_size):
-            prompts = [format_prompt(tokenizer, e.question) for e in examples[i : i + batch_size]]
-            x = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            procs = LogitsProcessorList()
-            if tuned is not None and untuned is not None:
-                procs.append(ProxyTuningLogitsProcessor(tuned, untuned, alpha, pad_token_id=tokenizer.pad_token_id))
-            y = large.generate(**x, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=procs,
-                               pad_token_id=tokenizer.pad_token_id)
-            outs += tokenizer.batch_decode(y[:, x.input_ids.shape[1] :], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return outs
+    """Greedy answers of the large model (`tasks.generate_answers`), proxy-tuned by (tuned, untuned)
+    when both are given."""
+    procs = None
+    if tuned is not None and untuned is not None:
+        procs = lambda: [ProxyTuningLogitsProcessor(tuned, untuned, alpha, pad_token_id=tokenizer.pad_token_id)]  # noqa: E731
+    return generate_answers(large, tokenizer, examples, max_new_tokens, batch_size, procs)
 
 
 def proxy_task_accuracy(large, tokenizer, examples, tuned=None, untuned=None, alpha: float = 1.0, **kw) -> float:

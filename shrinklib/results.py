@@ -91,6 +91,13 @@ class Results:
             raise AssertionError(f"Claim does not hold: {claim} ({source}); evidence: {c.evidence}")
         return c
 
+    def point(self, label: str, size_bytes: float, ppl: float, baseline_ppl: float, kl: float | None = None) -> Point:
+        """Record one model of this notebook for the suite's frontier (`metrics["points"][label]`;
+        declare tolerances for `points.*` like the other metrics). See `Point`."""
+        p = Point(self.notebook, label, size_bytes, ppl, baseline_ppl, kl)
+        self.metrics.setdefault("points", {})[label] = p.stored()
+        return p
+
     def to_dict(self) -> dict:
         return {
             "notebook": self.notebook,
@@ -388,3 +395,77 @@ def show_table(rows: list[dict], floatfmt: str = ".3g") -> None:
     from IPython.display import display
 
     display(Table(rows, floatfmt))
+
+
+# ----------------------------------------------------------------------------- the frontier
+
+
+@dataclass(frozen=True)
+class Point:
+    """One model on the suite's size/quality frontier, as a notebook recorded it (`Results.point`).
+
+    Every notebook evaluates on the suite's one evaluation default, so `ppl` compares across
+    notebooks; `baseline_ppl` is the uncompressed model's perplexity on the same tokens, and
+    `ppl_ratio` the ratio the frontier plots (it also compares runs of other models).
+    """
+
+    notebook: str
+    label: str
+    size_bytes: float  # bytes as stored (a sparse model: its best sparse format)
+    ppl: float  # perplexity on the evaluation tokens
+    baseline_ppl: float  # the uncompressed model's perplexity on the same tokens
+    kl: float | None = None  # mean KL(base ‖ this model) per token, where measured
+
+    def __post_init__(self):
+        for name in ("size_bytes", "ppl", "baseline_ppl") + (("kl",) if self.kl is not None else ()):
+            v = getattr(self, name)
+            if not (_number(v) and math.isfinite(v) and v >= 0) or (name != "kl" and v == 0):
+                raise ValueError(f"point {self.label!r} of {self.notebook}: {name} must be a finite positive number, "
+                                 f"got {v!r}")
+
+    @property
+    def ppl_ratio(self) -> float:
+        return self.ppl / self.baseline_ppl
+
+    def stored(self) -> dict:
+        """What a results file holds for the point (without notebook and label, its keys)."""
+        d = {"size_bytes": self.size_bytes, "ppl": self.ppl, "baseline_ppl": self.baseline_ppl}
+        return d if self.kl is None else d | {"kl": self.kl}
+
+
+def frontier_points(results: list[dict]) -> list[Point]:
+    """Every point recorded in results files (`metrics["points"]`), in file order; files without
+    points contribute none."""
+    return [Point(r["notebook"], label, **p) for r in results
+            for label, p in r.get("metrics", {}).get("points", {}).items()]
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Labels of the points no other point dominates (smaller-or-equal in both coordinates and
+    strictly smaller in one), sorted by the first coordinate. points: {label: (cost, error)}."""
+    front = []
+    for k, (x, y) in points.items():
+        dominated = any(x2 <= x and y2 <= y and (x2 < x or y2 < y) for k2, (x2, y2) in points.items() if k2 != k)
+        if not dominated:
+            front.append(k)
+    return sorted(front, key=lambda k: points[k])
+
+
+def label_points(ax, xy: dict[str, tuple[float, float]], fontsize: int = 7) -> None:
+    """Write each key of `xy` beside its point (x, y), moving a label up or down, in steps of its
+    height, until it overlaps no label placed before it (a thin line then joins it to its point).
+    Call it after the axes' scales and limits are set."""
+    fig = ax.figure
+    fig.tight_layout()
+    fig.canvas.draw()  # label sizes in pixels need a drawn figure
+    placed = []
+    for label, (x, y) in sorted(xy.items(), key=lambda kv: (kv[1][1], kv[1][0])):
+        text = ax.annotate(label, (x, y), xytext=(4, 2), textcoords="offset points", fontsize=fontsize,
+                           arrowprops=dict(arrowstyle="-", lw=0.4, color="0.6", shrinkA=0, shrinkB=2))
+        for k in range(60):
+            box = text.get_window_extent()
+            if not any(box.overlaps(b) for b in placed):
+                break
+            step = (k // 2 + 1) * (box.height + 1) * (1 if k % 2 == 0 else -1) * 72 / fig.dpi  # points
+            text.set_position((4, 2 + step))
+        placed.append(text.get_window_extent())

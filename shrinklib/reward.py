@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import arch
-from .calib import _to
+from .calib import to_device
 from .tasks import Example, format_prompt, make_examples
 
 
@@ -176,7 +176,7 @@ def reward_margins(rm: nn.Module, batches: list[dict], pairs: list[PreferencePai
     device = next(rm.parameters()).device
     diffs = []
     for b in batches:
-        b = _to(b, device)
+        b = to_device(b, device)
         r = rm(b).float().cpu()  # (2n,): chosen, then rejected
         diffs.append(r[: len(r) // 2] - r[len(r) // 2 :])
     sign = torch.tensor([-1.0 if p.flipped else 1.0 for p in pairs])

@@ -74,8 +74,16 @@ def normalize(text: str) -> str:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, examples: list[Example], max_new_tokens: int = 12, batch_size: int = 16) -> list[str]:
-    """Greedy continuations of each example's prompt (left-padded batches)."""
+def generate_answers(model, tokenizer, examples: list[Example], max_new_tokens: int = 12, batch_size: int = 16,
+                     logits_processors: Callable[[], list] | None = None) -> list[str]:
+    """Greedy continuations of each example's prompt (chat format, left-padded batches).
+
+    Args:
+        logits_processors: called once per batch, returns the `transformers` logits processors that
+            change the model's next-token scores (e.g. proxy tuning's); None: plain greedy decoding.
+    """
+    from transformers import LogitsProcessorList
+
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -84,7 +92,9 @@ def generate_answers(model, tokenizer, examples: list[Example], max_new_tokens: 
         for i in range(0, len(examples), batch_size):
             prompts = [format_prompt(tokenizer, e.question) for e in examples[i : i + batch_size]]
             x = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            y = model.generate(**x, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            procs = LogitsProcessorList(logits_processors() if logits_processors is not None else [])
+            y = model.generate(**x, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=procs,
+                               pad_token_id=tokenizer.pad_token_id)
             outs += tokenizer.batch_decode(y[:, x.input_ids.shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
@@ -118,3 +128,49 @@ def supervised_batch(tokenizer, examples: list[Example]) -> dict[str, torch.Tens
     labels = torch.tensor([lab + [-100] * (L - len(lab)) for _, lab in rows])
     attention = torch.tensor([[1] * len(ids) + [0] * (L - len(ids)) for ids, _ in rows])
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def task_batches(tokenizer, task: str, n: int, batch_size: int, seed: int = 0) -> list[dict]:
+    """Fixed supervised batches of a task (the training set is `n` examples drawn with `seed`)."""
+    ex = make_examples(task, n, seed)
+    return [supervised_batch(tokenizer, ex[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def answer_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict an answer token, and those tokens: the output head
+    (49K × 576 for SmolLM2) runs on a few positions per example instead of all of them. The batch
+    is a `supervised_batch`, or its `calib.cache_prefix` (then only the blocks above run)."""
+    from .calib import final_hidden
+
+    h = final_hidden(model, batch)  # (n, L, d)
+    labels = batch["labels"][:, 1:]  # (n, L-1): position t predicts token t+1
+    where = labels != -100
+    return model.get_output_embeddings()(h[:, :-1][where]), labels[where]  # (m, V), (m,)
+
+
+def answer_loss(model, batch: dict) -> torch.Tensor:
+    """Cross-entropy on the answer tokens only (the same value as `train.causal_lm_loss`, cheaper)."""
+    logits, target = answer_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits.float(), target)
+
+
+@torch.no_grad()
+def answer_metrics(model, batches: list[dict]) -> dict[str, float]:
+    """Exact match (every answer token is the greedy argmax under teacher forcing, equal to greedy
+    decoding's exact match for the answer and its end-of-turn token) and mean answer cross-entropy
+    over supervised batches."""
+    from .calib import to_device
+
+    device = next(model.parameters()).device
+    hits = total = 0
+    nll = n_tok = 0.0
+    for b in batches:
+        b = to_device(b, device)  # also the cached block arguments (position embeddings) of a `cache_prefix` batch
+        logits, target = answer_logits(model, b)  # (m, V), (m,) over the batch's answer tokens
+        row = (b["labels"][:, 1:] != -100).nonzero()[:, 0]  # (m,) the example of each answer token
+        wrong = torch.zeros(b["labels"].shape[0], device=device).index_add_(0, row, (logits.argmax(-1) != target).float())
+        hits += (wrong == 0).sum().item()
+        total += wrong.numel()
+        nll += torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum").item()
+        n_tok += target.numel()
+    return {"accuracy": hits / max(1, total), "loss": nll / max(1.0, n_tok)}

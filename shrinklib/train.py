@@ -239,3 +239,22 @@ def train(
     model.eval()
     acc.free_memory()
     return history
+
+
+def finetune_task(model: nn.Module, batches: list[dict], steps: int, lr: float = 1e-3, seed: int = 0,
+                  params: list | None = None, loss_fn: Callable[[nn.Module, dict], Tensor] | None = None) -> list[dict]:
+    """Fine-tune `model` in place on fixed batches with `train`.
+
+    Args:
+        batches: the training set as fixed batches (`tasks.task_batches`, or their `calib.cache_prefix`).
+        steps: optimizer steps; each epoch visits the batches in an order drawn with `seed`.
+        seed: seed of the run (batch order, dropout).
+        params: the parameters trained (default: all that require grad).
+        loss_fn: loss of the model on a batch (default: `tasks.answer_loss`, cross-entropy on the answer tokens).
+    """
+    from .tasks import answer_loss
+
+    g = torch.Generator().manual_seed(seed)
+    order = [i for _ in range(-(-steps // len(batches))) for i in torch.randperm(len(batches), generator=g).tolist()]
+    cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=max(1, steps // 10), seed=seed, progress=False)
+    return train(model, lambda i: batches[order[i]], loss_fn or answer_loss, cfg, params=params)

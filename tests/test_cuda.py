@@ -130,7 +130,9 @@ def test_reward_model_trains_on_gpu():
 def test_cached_lower_blocks_on_gpu():
     """Notebook 08's shortcuts on the GPU: a fine-tune on cached lower-block states has the full
     model's loss and trains; a reward model on cached last-MLP inputs equals the full one."""
-    from shrinklib.merge.finetune import answer_loss, cache_prefix, finetune_task
+    from shrinklib.calib import cache_prefix
+    from shrinklib.tasks import answer_loss
+    from shrinklib.train import finetune_task
     from shrinklib.reward import LastMLPRewardModel, RewardModel, last_mlp_features
 
     model = make_picollama(0, layers=3).to(CUDA)

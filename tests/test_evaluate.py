@@ -57,3 +57,21 @@ def test_peak_memory_sees_a_large_allocation():
 def test_time_fn_reports_median_above_min():
     t = time_fn(lambda: sum(range(1000)), repeats=5)
     assert 0 < t.min_s <= t.median_s and t.repeats == 5
+
+
+def test_sparse_size_counts_a_bitmask_and_the_surviving_values():
+    """Hand count on the tiny Llama: 18,432 block weights (q, o 32×32; k, v 16×32; gate, up 64×32;
+    down 32×64; two blocks). At 50% they take 18,432 bits of mask plus 9,216 values."""
+    from shrinklib.evaluate import sparse_size_bytes
+    from shrinklib.prune import PruneConfig, model_sparsity, prune_
+    from shrinklib.quant import RTNConfig, quantize_
+
+    model = make_picollama()
+    assert sparse_size_bytes(model) == model_size_bytes(model)  # dense weights: the bitmask would only add bytes
+    prune_(model, PruneConfig("magnitude", 0.5))
+    assert model_sparsity(model) == 0.5
+    assert model_size_bytes(model) - sparse_size_bytes(model) == 18_432 * 4 - (18_432 // 8 + 9_216 * 4)
+    quantize_(model, RTNConfig(bits=4, group_size=16, symmetric=True), progress=False)  # zero stays on the grid
+    zeros = round(model_sparsity(model) * 18_432)
+    assert zeros >= 9_216
+    assert model_size_bytes(model) - sparse_size_bytes(model) == 18_432 // 2 - (18_432 // 8 + (18_432 - zeros) // 2)

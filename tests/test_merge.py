@@ -107,6 +107,35 @@ def test_dare_merge_hand_case_and_seed():
     torch.testing.assert_close(out, torch.tensor([2.0, -2.0]))
 
 
+def test_the_task_vector_methods_are_choices_of_one_merge():
+    """TIES, DARE and task arithmetic are `merge_task_vectors` with a sparsification and a consensus
+    choice; every combination works, and magnitude trim without consensus is checked by hand."""
+    from shrinklib.merge import merge_task_vectors
+    from shrinklib.merge.registry import tensor_seed
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, generator=g)
+    ts = [base + torch.randn(6, 5, generator=g) for _ in range(3)]
+    choices = {"task_arithmetic": (None, None), "ties": ("magnitude", "sign"), "dare_linear": ("random", None),
+               "dare_ties": ("random", "sign")}
+    for method, (sparsify, consensus) in choices.items():
+        out = merge_state_dicts(method, [{"w": t} for t in ts], [0.5, 1.0, 2.0], [0.4, 0.6, 0.8], {"w": base},
+                                {"lambda": 0.7, "seed": 3})["w"]
+        ref = merge_task_vectors(base, ts, [0.5, 1.0, 2.0], [0.4, 0.6, 0.8], 0.7, sparsify, consensus, tensor_seed(3, "w"))
+        assert torch.equal(out, ref), method
+    # magnitude trim, no consensus: τ1 = (4, −1, 0.5) → (4, 0, 0), τ2 = (−2, 3, 0) → (0, 3, 0)
+    out = merge_task_vectors(torch.zeros(3), [torch.tensor([4.0, -1.0, 0.5]), torch.tensor([-2.0, 3.0, 0.0])],
+                             [1.0, 0.5], density=1 / 3, sparsify="magnitude")
+    torch.testing.assert_close(out, torch.tensor([4.0, 1.5, 0.0]))
+    # DARE takes one density per model: each task vector keeps its own fraction
+    big = torch.ones(20_000)
+    out = merge_task_vectors(torch.zeros(20_000), [big, 2 * big], density=[0.2, 0.8], sparsify="random")
+    kept1, kept2 = ((out == 5.0) | (out == 5.0 + 2.5)).float().mean(), ((out == 2.5) | (out == 7.5)).float().mean()
+    assert abs(kept1.item() - 0.2) < 0.01 and abs(kept2.item() - 0.8) < 0.01
+    with pytest.raises(ValueError, match="sparsify must be None or one of"):
+        merge_task_vectors(base, ts, sparsify="topk")
+
+
 def test_slerp_geometry():
     v0, v1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     torch.testing.assert_close(slerp(0.0, v0, v1), v0)
@@ -196,78 +225,6 @@ def test_loss_along_path():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # restored
     assert loss_barrier([0, 0.5, 1], [1.0, 1.5, 2.0]) == 0.0
     assert loss_barrier([0, 0.5, 1], [1.0, 3.0, 1.0]) == 2.0
-
-
-def _answer_batch(n=3, length=12, vocab=128):
-    """Right-padded rows whose last few real tokens are the answer (labels -100 elsewhere)."""
-    ids = random_ids(n, length, vocab)
-    mask = torch.ones_like(ids)
-    mask[1, -3:] = 0  # a shorter row
-    mask[2, -5:] = 0
-    labels = torch.full_like(ids, -100)
-    for i, real in enumerate(mask.sum(1).tolist()):
-        labels[i, real - 4 : real] = ids[i, real - 4 : real]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-@pytest.mark.parametrize("start", [0, 2, 3])
-def test_cached_prefix_gives_the_full_forward_and_its_gradients(start):
-    from shrinklib import arch
-    from shrinklib.merge.finetune import answer_loss, cache_prefix, final_hidden
-
-    model = make_picollama(0, layers=4)
-    model.requires_grad_(False)
-    arch.blocks(model)[start:].requires_grad_(True)
-    batch = _answer_batch()
-    cached = cache_prefix(model, batch, start)
-    assert cached["hidden"].shape == (3, 12, 32)
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(final_hidden(model, cached)[real], final_hidden(model, batch)[real],
-                               rtol=1e-5, atol=1e-5)
-    # the answer loss is the usual next-token loss on the labels, from the cache too
-    torch.testing.assert_close(answer_loss(model, cached), model(**batch).loss, rtol=1e-5, atol=1e-6)
-    grads = []
-    for b in (batch, cached):
-        model.zero_grad()
-        answer_loss(model, b).backward()
-        grads.append([p.grad.clone() for p in arch.blocks(model)[start:].parameters()])
-    for g_full, g_cached in zip(*grads):
-        torch.testing.assert_close(g_cached, g_full, rtol=1e-4, atol=1e-6)
-
-
-def test_answer_metrics_is_exact_match_under_teacher_forcing():
-    from shrinklib.merge.finetune import answer_metrics
-
-    model = make_picollama(0)
-    batch = _answer_batch()
-    with torch.no_grad():
-        pred = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].argmax(-1)
-    labels = batch["labels"][:, 1:]  # a view: edits change batch["labels"]
-    where = labels != -100
-    labels[0][where[0]] = pred[0][where[0]]  # row 0: every answer token is the argmax -> a hit
-    labels[1][where[1]] = pred[1][where[1]]
-    last = where[1].nonzero()[-1, 0]
-    labels[1, last] = (labels[1, last] + 1) % 128  # row 1: all but its last answer token -> a miss
-    labels[2][where[2]] = (pred[2][where[2]] + 1) % 128  # row 2: none -> a miss
-    m = answer_metrics(model, [batch])
-    assert m["accuracy"] == pytest.approx(1 / 3)
-    assert m["loss"] == pytest.approx(model(**batch).loss.item(), rel=1e-5)
-
-
-def test_finetune_task_trains_only_what_requires_grad():
-    from shrinklib import arch
-    from shrinklib.merge.finetune import answer_loss, cache_prefix, finetune_task
-
-    model = make_picollama(0, layers=3)
-    model.requires_grad_(False)
-    arch.blocks(model)[2:].requires_grad_(True)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = [cache_prefix(model, _answer_batch(), 2)]
-    loss0 = answer_loss(model, batches[0]).item()
-    finetune_task(model, batches, steps=20, lr=1e-2, seed=0)
-    assert answer_loss(model, batches[0]).item() < loss0
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed and all(k.startswith("model.layers.2.") for k in changed)
 
 
 # ----------------------------------------------------------------------------- merges that cannot be right are refused

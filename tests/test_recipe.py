@@ -12,12 +12,13 @@ BAD = [
     ({"steps": [{"quantise": {"bits": 4}}]}, r"step 1: unknown step 'quantise'"),
     ({"steps": [{"gptq": {"bitz": 4}}]}, r"step 1 'gptq': unknown field 'bitz'"),
     ({"steps": [{"rtn": {"bits": "four"}}]}, r"step 1 'rtn': field 'bits' must be an integer"),
-    ({"steps": [{"rtn": {"bits": 4}}, {"gptq": {"bits": 12}}]}, r"step 2 'gptq': bits must be in 2..8"),
+    ({"steps": [{"rtn": {"bits": 4}}, {"gptq": {"bits": 12}}]}, r"step 2 'gptq': GPTQConfig: bits must be an int in 2..8"),
     ({"steps": [{"prune": {"sparsity": 1.5}}]}, r"step 1 'prune': sparsity"),
-    ({"steps": [{"gptq": {}}, {"distill": {"steps": 5}}]}, r"step 2 'distill' cannot follow step 1 'gptq'"),
-    ({"steps": [{"rtn": {"group_size": 48}}, {"export_gguf": {"format": "Q4_1"}}]}, r"step 2 'export_gguf'.*group_size=48"),
-    ({"steps": [{"gptq": {"bits": 8}}, {"export_gguf": {"format": "Q4_1"}}]}, r"step 2 'export_gguf'.*bits=8"),
-    ({"steps": [{"export_gguf": {"format": "Q5_K"}}]}, r"step 1 'export_gguf': format must be one of"),
+    ({"steps": [{"gptq": {}}, {"distill": {"steps": 5}}]}, r"step 2 'distill' cannot follow step 1 'gptq' \(pack: true\)"),
+    ({"steps": [{"smoothquant": {}}, {"rtn": {}}]}, r"step 2 'rtn' cannot follow step 1 'smoothquant' \(W8A8 layers\)"),
+    ({"steps": [{"rtn": {"group_size": 48}}, {"export_gguf": {"fmt": "Q4_1"}}]}, r"step 2 'export_gguf'.*group_size=48"),
+    ({"steps": [{"gptq": {"bits": 8}}, {"export_gguf": {"fmt": "Q4_1"}}]}, r"step 2 'export_gguf'.*bits=8"),
+    ({"steps": [{"export_gguf": {"fmt": "Q5_K"}}]}, r"step 1 'export_gguf': unknown GGUF format 'Q5_K'"),
     ({"steps": []}, r"non-empty 'steps'"),
     ({"steps": [{"rtn": {}}], "calibraton": {}}, r"unknown top-level key"),
     ({"steps": [{"rtn": {}}], "calibration": {"n": 0}}, r"calibration: n ≥ 1"),
@@ -58,7 +59,7 @@ def test_recipe_end_to_end_on_the_embedded_model(tmp_path):
     f.write_text(
         "name: tiny\ncalibration: {n: 4, seq_len: 64}\nevaluation: {eval_tokens: 256}\nsteps:\n"
         "  - minitron_depth: {n_drop: 27, metric: cosine}\n  - rtn: {bits: 4, group_size: 32}\n"
-        "  - export_gguf: {format: Q4_1, tokenizer: false}\n  - export_safetensors: {name: packed, packed: true}\n"
+        "  - export_gguf: {fmt: Q4_1, tokenizer: false}\n  - export_safetensors: {name: packed, packed: true}\n"
     )
     assert main(["compress", "smollm2-135m", "--recipe", str(f), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     rows = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -71,23 +72,178 @@ def test_recipe_end_to_end_on_the_embedded_model(tmp_path):
     assert "reload max|Δlogit|" in rows[3]["notes"]
 
 
-def test_results_points_reads_both_shapes_with_each_notebooks_baseline():
-    from shrinklib.recipe import results_points
+def test_every_quantizer_and_pruner_config_is_a_step_with_the_librarys_own_fields():
+    """One declaration: a step's fields are its library configs' fields, with their defaults."""
+    from dataclasses import fields
 
-    files = [
-        {"notebook": "02_x", "metrics": {"ppl": {"fp32": 10.0, "gptq/4bit": 12.0, "orphan": 9.0},
-                                          "size_bytes": {"fp32": 400.0, "gptq/4bit": 100.0}}},
-        {"notebook": "05_x", "metrics": {"ppl": {"original": 20.0, "pruned": 30.0}, "params": {"original": 100, "pruned": 80},
-                                          "decode_s_per_token": {"pruned": 0.5}}},
-        {"notebook": "00_x", "metrics": {"perplexity": 11.0, "size_bytes": 440.0}},
-        {"notebook": "99_x", "metrics": {"ppl": [1, 2], "other": "text"}},
-    ]
-    got = {(p["notebook"], p["technique"]): p for p in results_points(files)}
-    assert set(got) == {("02_x", "fp32"), ("02_x", "gptq/4bit"), ("05_x", "original"), ("05_x", "pruned"), ("00_x", "00_x")}
-    assert got["02_x", "gptq/4bit"]["size_bytes"] == 100.0 and got["02_x", "gptq/4bit"]["baseline_ppl"] == 10.0
-    assert got["05_x", "pruned"]["size_bytes"] == 320.0  # 80 float32 parameters
-    assert got["05_x", "pruned"]["latency_s"] == 0.5 and got["05_x", "original"]["latency_s"] is None
-    assert got["05_x", "pruned"]["baseline_ppl"] == 20.0 and got["00_x", "00_x"]["baseline_ppl"] == 11.0
+    from shrinklib import prune, quant
+    from shrinklib.recipe import STEPS
+
+    for name, (config, _) in quant.METHODS.items():
+        assert STEPS[name].configs[0] is config
+        recipe = parse_recipe({"steps": [{name: {}}]})
+        assert recipe.steps[0][1].parts[0] == config()
+    assert STEPS["prune"].configs == (prune.PruneConfig,)
+    gptq = parse_recipe({"steps": [{"gptq": {"damp": 0.05, "act_order": True, "backend": "lut"}}]}).steps[0][1]
+    assert gptq.of(quant.GPTQConfig) == quant.GPTQConfig(damp=0.05, act_order=True) and gptq.backend == "lut"
+    for method in prune.METHODS:
+        p = parse_recipe({"steps": [{"prune": {"method": method, "per": "row", "percdamp": 0.05}}]}).steps[0][1]
+        assert p.parts == (prune.PruneConfig(method, per="row", percdamp=0.05),)
+    assert {f.name for f in fields(quant.GPTQConfig)} < set(parse_recipe({"steps": ["gptq"]}).steps[0][1].asdict())
+
+
+@pytest.mark.parametrize("step,message", [
+    ({"rtn": {"pack": "yes"}}, r"step 1 'rtn': field 'pack' must be true or false"),
+    ({"gptq": {"backend": "gpu"}}, r"step 1 'gptq': backend must be one of \['reference'"),
+    ({"rtn": {"fmt": "nf5"}}, r"step 1 'rtn': RTNConfig: unknown fmt 'nf5'"),
+    ({"distill": {"hidden_weight": 0.5}}, r"step 1 'distill': hidden_weight needs projections"),
+    ({"distill": {"divergence": "kl"}}, r"step 1 'distill': divergence must be one of"),
+    ({"distill": {"steps": 0}}, r"step 1 'distill': steps and grad_accum must be ≥ 1"),
+    ({"minitron_width": {"iterations": 0, "hidden": 64}}, r"step 1 'minitron_width': iterations must be ≥ 1"),
+    ({"export_gguf": {"embed_type": "Q4_0"}}, r"step 1 'export_gguf': embed_type must be one of"),
+    ({"evaluate": {"eval_tokens": 0}}, r"step 1 'evaluate': eval_tokens must be ≥ 2"),
+])
+def test_the_library_configs_check_the_step_fields(step, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe({"steps": [step]})
+
+
+def test_an_export_is_one_registration(tmp_path):
+    """A new export format: one `register_export` call makes it a validated, runnable step."""
+    from pathlib import Path
+
+    from common import make_picollama
+
+    from shrinklib.export import ExportReport
+    from shrinklib.recipe import STEPS, apply_recipe, register_export
+
+    def export_npz(model, path: str | Path, tokenizer=None, dtype: str = "float32", check: bool = True) -> ExportReport:
+        import numpy as np
+
+        arrays = {k: v.detach().numpy().astype(dtype) for k, v in model.state_dict().items()}
+        np.savez(path, **arrays)
+        return ExportReport("npz", str(path), Path(path).stat().st_size, exact=dtype == "float32")
+
+    register_export("export_npz", export_npz, ("dtype",), lambda p: f"{p.name}.npz")
+    try:
+        with pytest.raises(RecipeError, match=r"step 1 'export_npz': field 'dtype' must be a string, got 16"):
+            parse_recipe({"steps": [{"export_npz": {"dtype": 16}}]})
+        with pytest.raises(RecipeError, match=r"step 2 'export_npz' writes 'a.npz' in --out, as step 1 does"):
+            parse_recipe({"steps": [{"export_npz": {"name": "a"}}, {"export_npz": {"name": "a"}}]})
+        recipe = parse_recipe({"evaluation": {"eval_tokens": 0}, "steps": [{"export_npz": {"dtype": "float16"}}]})
+        rows = apply_recipe(recipe, make_picollama(), None, out=tmp_path)
+        assert rows[-1].notes.startswith("model.npz:") and (tmp_path / "model.npz").is_file()
+    finally:
+        STEPS.pop("export_npz")
+
+
+class CharTokenizer:
+    """Characters as ids: enough to build a corpus for a tiny model (vocabulary 128)."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        return type("Encoding", (), {"input_ids": torch.tensor([[3 + ord(c) % 120 for c in text]])})()
+
+    def __len__(self):
+        return 128
+
+
+def toy_corpus():
+    from shrinklib.data import Corpus, Document
+
+    text = " ".join(f"word{i}" for i in range(400))
+    return Corpus("toy", {s: [Document("toy", s, text)] for s in ("calib", "train", "eval")})
+
+
+def toy_recipe(*steps, eval_tokens=64):
+    return parse_recipe({"calibration": {"corpus": "toy", "n": 4, "seq_len": 32, "seed": 1},
+                         "evaluation": {"eval_tokens": eval_tokens, "seq_len": 32}, "steps": list(steps)})
+
+
+def assert_same_logits(a, b):
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=0)
+
+
+def test_apply_recipe_in_memory_equals_the_library_calls():
+    """prune → quantize as recipe steps on a model in memory gives what prune_ then quantize_ give."""
+    import copy
+
+    from common import make_picollama
+
+    from shrinklib.data import calibration_batch
+    from shrinklib.prune import PruneConfig, prune_
+    from shrinklib.quant import RTNConfig, quantize_
+    from shrinklib.recipe import apply_recipe
+
+    model, tok, corpus = make_picollama(), CharTokenizer(), toy_corpus()
+    expected = copy.deepcopy(model)
+    rows = apply_recipe(toy_recipe({"prune": {"method": "wanda", "sparsity": 0.5}},
+                                   {"rtn": {"bits": 4, "group_size": 16, "symmetric": True}}), model, tok, corpus=corpus)
+    prune_(expected, PruneConfig("wanda", 0.5), calibration_batch(corpus, tok, 4, 32, seed=1), progress=False)
+    quantize_(expected, RTNConfig(bits=4, group_size=16, symmetric=True), progress=False)
+    assert_same_logits(model, expected)
+    assert [r.step for r in rows] == ["input", "prune", "rtn"] and rows[0].size_bytes > rows[2].size_bytes
+    assert all(r.ppl is not None for r in rows)
+
+
+@pytest.mark.parametrize("step", ["llm_pruner", "slicegpt", "minitron_width", "minitron_depth", "distill"])
+def test_the_structured_and_training_steps_equal_the_library_calls(step):
+    import copy
+
+    from common import make_picollama
+
+    from shrinklib import minitron
+    from shrinklib.data import WindowConfig, calibration_batch, window_batches
+    from shrinklib.distill import KDConfig, kd_loss_fn
+    from shrinklib.prune import LLMPrunerConfig, SliceGPTConfig, llm_prune_, slicegpt_
+    from shrinklib.recipe import STEPS, apply_recipe
+    from shrinklib.recipe_checks import ModelFacts
+    from shrinklib.train import TrainConfig, train
+
+    model, tok, corpus = make_picollama(hidden=64), CharTokenizer(), toy_corpus()
+    expected, calib = copy.deepcopy(model), calibration_batch(corpus, tok, 4, 32, seed=1)
+    facts = ModelFacts(copy.deepcopy(model))  # the input sizes the checks predict for what the step leaves
+    fields = {"llm_pruner": {"ratio": 0.25}, "slicegpt": {"slicing": 0.25}, "minitron_width": {"intermediate": 32},
+              "minitron_depth": {"n_drop": 1, "metric": "cosine"},
+              "distill": {"steps": 3, "lr": 1e-3, "batch_size": 2, "seq_len": 16, "top_k": 8, "progress": False}}[step]
+    recipe = toy_recipe({step: fields}, eval_tokens=0)
+    STEPS[step].check_model(recipe.steps[0][1], facts)
+    rows = apply_recipe(recipe, model, tok, corpus=corpus)
+    if step == "llm_pruner":
+        llm_prune_(expected, LLMPrunerConfig(0.25), calib)
+    elif step == "slicegpt":
+        slicegpt_(expected, SliceGPTConfig(0.25), calib)
+    elif step == "minitron_width":
+        minitron.prune_width_(expected, minitron.activation_importance(expected, calib), intermediate=32)
+    elif step == "minitron_depth":
+        minitron.prune_depth_(expected, 1, calib, "cosine")
+    else:
+        teacher = copy.deepcopy(expected)
+        batch = window_batches(corpus.tokens(tok, "train"), WindowConfig(2, 16), 3)
+        train(expected, batch, kd_loss_fn(teacher, KDConfig(top_k=8)), TrainConfig(steps=3, lr=1e-3, progress=False))
+        expected.eval()
+    assert_same_logits(model, expected)
+    assert rows[-1].params < rows[0].params or step in ("distill", "slicegpt")
+    assert facts.sizes == ModelFacts(model).sizes
+
+
+def test_nothing_exports_a_sliced_model():
+    with pytest.raises(RecipeError, match=r"step 2 'export_safetensors' cannot export what step 1 'slicegpt' leaves"):
+        parse_recipe({"steps": [{"slicegpt": {}}, {"export_safetensors": {}}]})
+
+
+def test_sizes_follow_structured_pruning_into_the_nm_check():
+    """2:4 needs input sizes that are multiples of 4: the check sees the sizes LLM-Pruner leaves
+    (64 MLP channels: 48 after removing 25%, 63 after 3%)."""
+    from common import make_picollama
+
+    from shrinklib.recipe_checks import check_model
+
+    model = make_picollama(hidden=64, intermediate=64)
+    check_model(toy_recipe({"llm_pruner": {"ratio": 0.25}}, {"prune": {"n": 2, "m": 4}}), model)  # 48 channels
+    with pytest.raises(RecipeError, match=r"step 2 'prune': 2:4 pruning needs .* input size\(s\) \[63\]"):
+        check_model(toy_recipe({"llm_pruner": {"ratio": 0.03}}, {"prune": {"n": 2, "m": 4}}), model)
 
 
 # ----------------------------------------------------------------------------- everything is checked before any work
@@ -133,7 +289,7 @@ DRY_RUN_CASES = {  # case: (recipe, model, extra arguments, the one-line message
                              [], "step 1 'prune': 2:4 pruning needs every linear's input size to be a multiple of 4, "
                                  "but this model has input size(s) [30]"),
     "Q4 blocks of input size 30": ("evaluation: {eval_tokens: 0}\nsteps:\n  - rtn: {bits: 4, group_size: 32}\n"
-                                   "  - export_gguf: {format: Q4_1}\n", "h30", [],
+                                   "  - export_gguf: {fmt: Q4_1}\n", "h30", [],
                                    "step 2 'export_gguf': format Q4_1 (blocks of 32 inputs) needs every linear's input "
                                    "size to be a multiple of 32, but this model has input size(s) [30]"),
     "missing model folder": (GOOD, "./no/such/model", [], "No model folder at no/such/model"),

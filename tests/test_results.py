@@ -221,3 +221,48 @@ def test_a_timed_claim_is_reported_never_asserted_and_its_verdict_not_compared(o
     fresh["claims"][1]["holds"] = True
     assert R.compare_results(stored, fresh) == ["99_demo: claim 'the kernel is faster than torch': timed was True, now False"]
     assert "NO (timed, this machine)" in R.claims_table([stored])
+
+
+# ----------------------------------------------------------------------------- the frontier
+
+
+def test_points_are_typed_written_through_results_and_read_back(outputs):
+    r = R.Results("98_demo", tolerances={"points.*": 0.02})
+    r.point("fp32", 400.0, 10.0, 10.0)
+    r.point("gptq 4-bit", 100.0, 12.0, 10.0, kl=0.05)
+    r.save()
+    other = {"notebook": "97_other", "metrics": {"ppl": {"x": 3.0}}}  # a file without points contributes none
+    points = R.frontier_points([json.loads((outputs / "results" / "98_demo.json").read_text()), other])
+    assert [(p.notebook, p.label) for p in points] == [("98_demo", "fp32"), ("98_demo", "gptq 4-bit")]
+    q = points[1]
+    assert (q.size_bytes, q.ppl, q.baseline_ppl, q.kl) == (100.0, 12.0, 10.0, 0.05) and q.ppl_ratio == 1.2
+    assert points[0].kl is None and "kl" not in r.metrics["points"]["fp32"]
+
+
+@pytest.mark.parametrize("bad", [dict(size_bytes=0.0), dict(ppl=float("nan")), dict(baseline_ppl=-1.0), dict(kl=-0.1),
+                                 dict(ppl="12")])
+def test_a_point_refuses_what_is_not_a_size_or_a_perplexity(bad):
+    kw = dict(size_bytes=100.0, ppl=12.0, baseline_ppl=10.0) | bad
+    with pytest.raises(ValueError, match=f"point 'x' of 98_demo: {next(iter(bad))} must be"):
+        R.Results("98_demo").point("x", **kw)
+
+
+def test_pareto_front_by_hand():
+    # (MiB, perplexity): C is dominated by B (smaller and better), E by D; ties in one coordinate count
+    pts = {"A": (100, 12.0), "B": (50, 12.5), "C": (60, 13.0), "D": (30, 15.0), "E": (30, 16.0), "F": (100, 12.0)}
+    assert R.pareto_front(pts) == ["D", "B", "A", "F"]
+
+
+def test_labels_of_crowded_points_do_not_overlap():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig, ax = R.new_figure()
+    xy = {f"technique number {i}": (100.0 + (i % 3), 2.0 + 0.001 * i) for i in range(12)}  # nearly one spot
+    ax.scatter([x for x, _ in xy.values()], [y for _, y in xy.values()])
+    ax.set(xscale="log", yscale="log")
+    R.label_points(ax, xy)
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in ax.texts]
+    assert len(boxes) == 12
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

@@ -9,11 +9,9 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .checks import check_finite, check_shapes, check_weights
-from .dare import merge_dare
 from .linear import merge_linear
 from .slerp import slerp
-from .task_arithmetic import merge_task_arithmetic
-from .ties import merge_ties
+from .task_vectors import merge_task_vectors
 
 
 @dataclass(frozen=True)
@@ -32,36 +30,18 @@ def _linear(tensors, weights, densities, base, params, name):
     return merge_linear(tensors, weights, normalize=params.get("normalize", True))
 
 
-def _task_arithmetic(tensors, weights, densities, base, params, name):
-    return merge_task_arithmetic(base, tensors, weights, scale=params.get("lambda", 1.0))
-
-
-def _ties(tensors, weights, densities, base, params, name):
-    # per-model densities are allowed by mergekit; trim each task vector with its own
-    import torch
-
-    from .task_arithmetic import task_vector
-    from .ties import disjoint_mean, elect_sign, trim_magnitude
-
-    if len(set(densities)) == 1:
-        return merge_ties(base, tensors, weights, density=densities[0], scale=params.get("lambda", 1.0))
-    w = torch.tensor(weights, dtype=torch.float32, device=base.device)
-    taus = torch.stack([trim_magnitude(task_vector(t, base), d) for t, d in zip(tensors, densities)])
-    tau = disjoint_mean(taus, elect_sign(taus * w.view(-1, *[1] * base.ndim)), w)
-    return (base.float() + params.get("lambda", 1.0) * tau).to(base.dtype)
-
-
 def tensor_seed(seed: int, name: str) -> int:
     """A per-tensor seed from the merge's seed and the tensor's name (masks differ across tensors)."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31 - 1)
 
 
-def _dare(sign_consensus):
+def _task_vectors(sparsify: str | None, consensus: str | None):
+    """A task-vector method as a choice of sparsification and consensus (`merge_task_vectors`)."""
+
     def fn(tensors, weights, densities, base, params, name):
-        if len(set(densities)) != 1:
-            raise ValueError("DARE here takes one density for all models")
-        return merge_dare(base, tensors, weights, density=densities[0], scale=params.get("lambda", 1.0),
-                          seed=tensor_seed(params.get("seed", 0), name), sign_consensus=sign_consensus)
+        return merge_task_vectors(base, tensors, weights, densities, params.get("lambda", 1.0), sparsify, consensus,
+                                  tensor_seed(params.get("seed", 0), name))
+
     return fn
 
 
@@ -74,11 +54,11 @@ METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in [
         MergeMethod("linear", _linear, False, "Model soups (Wortsman et al., 2022)", "https://arxiv.org/abs/2203.05482"),
-        MergeMethod("task_arithmetic", _task_arithmetic, True, "Task arithmetic (Ilharco et al., 2023)",
+        MergeMethod("task_arithmetic", _task_vectors(None, None), True, "Task arithmetic (Ilharco et al., 2023)",
                     "https://arxiv.org/abs/2212.04089"),
-        MergeMethod("ties", _ties, True, "TIES-merging (Yadav et al., 2023)", "https://arxiv.org/abs/2306.01708"),
-        MergeMethod("dare_linear", _dare(False), True, "DARE (Yu et al., 2024)", "https://arxiv.org/abs/2311.03099"),
-        MergeMethod("dare_ties", _dare(True), True, "DARE + TIES (Yu et al., 2024)", "https://arxiv.org/abs/2311.03099"),
+        MergeMethod("ties", _task_vectors("magnitude", "sign"), True, "TIES-merging (Yadav et al., 2023)", "https://arxiv.org/abs/2306.01708"),
+        MergeMethod("dare_linear", _task_vectors("random", None), True, "DARE (Yu et al., 2024)", "https://arxiv.org/abs/2311.03099"),
+        MergeMethod("dare_ties", _task_vectors("random", "sign"), True, "DARE + TIES (Yu et al., 2024)", "https://arxiv.org/abs/2311.03099"),
         MergeMethod("slerp", _slerp, True, "SLERP (Shoemake, 1985)", "https://doi.org/10.1145/325165.325242", n_models=1),
     ]
 }

@@ -1,16 +1,12 @@
 """Task arithmetic: add scaled task vectors τ_i = θ_i − θ_base to the base model
-(Ilharco et al., 2023, https://arxiv.org/abs/2212.04089)."""
+(Ilharco et al., 2023, https://arxiv.org/abs/2212.04089): `merge_task_vectors` without
+sparsification or consensus."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from .checks import check_weights
-
-
-def task_vector(tensor: Tensor, base: Tensor) -> Tensor:
-    """τ = θ_ft − θ_base, in float32."""
-    return tensor.float() - base.float()
+from .task_vectors import merge_task_vectors, task_vector  # noqa: F401 (task_vector re-exported)
 
 
 def merge_task_arithmetic(base: Tensor, tensors: list[Tensor], weights: list[float] | None = None,
@@ -23,6 +19,4 @@ def merge_task_arithmetic(base: Tensor, tensors: list[Tensor], weights: list[flo
         weights: one weight w_i per model (default 1 each).
         scale: λ, the scaling of the summed task vector (0 returns the base).
     """
-    weights = check_weights(weights, len(tensors))
-    tau = sum(w * task_vector(t, base) for w, t in zip(weights, tensors))
-    return (base.float() + scale * tau).to(base.dtype)
+    return merge_task_vectors(base, tensors, weights, scale=scale)

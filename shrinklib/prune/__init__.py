@@ -12,10 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..arch import blocks, linears, named_linears
+from ..arch import blocks, linear_layers, linears, named_linears
 from ..calib import BlockStep, collect_input_stats, sequential
 from ..checks import check_fields
+from .llm_pruner import LLMPrunerConfig, llm_prune_
 from .masks import check_nm, is_nm, magnitude_mask, nm_mask, sparsity_of, wanda_mask, wanda_score
+from .slicegpt import SliceGPTConfig, slicegpt_
 from .sparsegpt import reconstruction_error, sparsegpt_prune
 
 
@@ -136,15 +138,19 @@ def prune_(model: nn.Module, config: PruneConfig, calib_ids: Tensor | None = Non
 
 
 def model_sparsity(model: nn.Module) -> float:
-    """Fraction of zeros over all linears of the decoder blocks."""
+    """Fraction of zeros over all linear layers of the decoder blocks (quantized ones included)."""
+    from ..export import linear_weight
+
     zeros = total = 0
-    for lin in named_linears(model).values():
-        zeros += (lin.weight == 0).sum().item()
-        total += lin.weight.numel()
+    for block in blocks(model):
+        for lin in linear_layers(block).values():
+            W = linear_weight(lin)
+            zeros += (W == 0).sum().item()
+            total += W.numel()
     return zeros / total
 
 
 __all__ = [
-    "METHODS", "Method", "PruneConfig", "is_nm", "layer_mask", "magnitude_mask", "model_sparsity", "nm_mask",
+    "LLMPrunerConfig", "METHODS", "Method", "PruneConfig", "SliceGPTConfig", "llm_prune_", "slicegpt_", "is_nm", "layer_mask", "magnitude_mask", "model_sparsity", "nm_mask",
     "prune_", "reconstruction_error", "sparsegpt_prune", "sparsity_of", "wanda_mask", "wanda_score",
 ]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..arch import blocks, layout
-from ..calib import _to, capture_block_inputs, run_block
+from ..calib import capture_block_inputs, run_block, to_device
 from ..checks import check_fields
 from ..io import staged_folder
 from .llm_pruner import check_llama
@@ -143,7 +143,7 @@ def fold_norms_(model: nn.Module) -> None:
 
 def _signals(layer: nn.Module, x: Tensor, kwargs: dict, batch_size: int) -> tuple[Tensor, Tensor]:
     """(after attention, after MLP) residual signals of an unrotated, norm-folded layer; x (n, L, d)."""
-    kwargs = _to(kwargs, x.device)
+    kwargs = to_device(kwargs, x.device)
     mids, outs = [], []
     for s in range(0, x.shape[0], batch_size):
         xb = x[s : s + batch_size]
