@@ -91,10 +91,11 @@ class Results:
             raise AssertionError(f"Claim does not hold: {claim} ({source}); evidence: {c.evidence}")
         return c
 
-    def point(self, label: str, size_bytes: float, ppl: float, baseline_ppl: float, kl: float | None = None) -> Point:
+    def point(self, label: str, size_bytes: float, ppl: float, baseline_ppl: float, kl: float | None = None,
+              latency_s: float | None = None) -> Point:
         """Record one model of this notebook for the suite's frontier (`metrics["points"][label]`;
-        declare tolerances for `points.*` like the other metrics). See `Point`."""
-        p = Point(self.notebook, label, size_bytes, ppl, baseline_ppl, kl)
+        declare tolerances for `points.*` like the other metrics, None for `points.*.latency_s`). See `Point`."""
+        p = Point(self.notebook, label, size_bytes, ppl, baseline_ppl, kl, latency_s)
         self.metrics.setdefault("points", {})[label] = p.stored()
         return p
 
@@ -404,9 +405,9 @@ def show_table(rows: list[dict], floatfmt: str = ".3g") -> None:
 class Point:
     """One model on the suite's size/quality frontier, as a notebook recorded it (`Results.point`).
 
-    Every notebook evaluates on the suite's one evaluation default, so `ppl` compares across
-    notebooks; `baseline_ppl` is the uncompressed model's perplexity on the same tokens, and
-    `ppl_ratio` the ratio the frontier plots (it also compares runs of other models).
+    Notebooks evaluate on their own number of tokens, so `ppl` alone does not compare across
+    notebooks: `baseline_ppl` is the uncompressed model's perplexity on the same tokens, and
+    `ppl_ratio`, the ratio the frontier plots, compares (it also compares runs of other models).
     """
 
     notebook: str
@@ -415,9 +416,11 @@ class Point:
     ppl: float  # perplexity on the evaluation tokens
     baseline_ppl: float  # the uncompressed model's perplexity on the same tokens
     kl: float | None = None  # mean KL(base ‖ this model) per token, where measured
+    latency_s: float | None = None  # seconds per decoded token at batch 1, where measured (wall-clock)
 
     def __post_init__(self):
-        for name in ("size_bytes", "ppl", "baseline_ppl") + (("kl",) if self.kl is not None else ()):
+        optional = tuple(n for n in ("kl", "latency_s") if getattr(self, n) is not None)
+        for name in ("size_bytes", "ppl", "baseline_ppl") + optional:
             v = getattr(self, name)
             if not (_number(v) and math.isfinite(v) and v >= 0) or (name != "kl" and v == 0):
                 raise ValueError(f"point {self.label!r} of {self.notebook}: {name} must be a finite positive number, "
@@ -430,7 +433,7 @@ class Point:
     def stored(self) -> dict:
         """What a results file holds for the point (without notebook and label, its keys)."""
         d = {"size_bytes": self.size_bytes, "ppl": self.ppl, "baseline_ppl": self.baseline_ppl}
-        return d if self.kl is None else d | {"kl": self.kl}
+        return d | {k: getattr(self, k) for k in ("kl", "latency_s") if getattr(self, k) is not None}
 
 
 def frontier_points(results: list[dict]) -> list[Point]:

@@ -14,6 +14,7 @@ from shrinklib.kernels import modules as Mo
 from shrinklib.kernels import pack as P
 from shrinklib.kernels import reference as R
 from tests.common import make_picollama, random_ids
+from shrinklib.quant import W8A8Linear, dequantize, quantize_rtn
 
 PATHS = K.simd_paths()
 # (out, in, group): odd sizes, in not a multiple of the group or of the 32-code block,
@@ -141,10 +142,31 @@ def test_int8_gemm_bit_exact(path):
     W = torch.randn(9, 70)
     lin = nn.Linear(70, 9)
     lin.weight.data = W
-    layer = Mo.W8A8Linear.from_linear(lin)
+    layer = W8A8Linear.from_linear(lin, backend="int")
     x = torch.randn(4, 70)
-    torch.testing.assert_close(layer(x), R.w8a8_linear(x, layer.wq, layer.w_scale, layer.bias), rtol=1e-5, atol=1e-5)
+    with K.use_simd(path):
+        torch.testing.assert_close(layer(x), R.w8a8_linear(x, layer.wq, layer.w_scale, layer.bias), rtol=1e-5, atol=1e-5)
     assert (layer(x) - lin(x)).abs().max() < 0.05 * lin(x).abs().max()
+
+
+def test_w8a8_backends_apply_one_weight():
+    # the int kernel and the simulated reference hold the same codes and agree on the same input:
+    # both quantize x to 8 bits per token; they differ only in float rounding (int32 vs float sums)
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(130, 33)
+    lin.weight.data = torch.randn(33, 130, generator=gen)
+    ref = W8A8Linear.from_linear(lin)
+    fast = W8A8Linear.from_linear(lin, backend="int")
+    assert torch.equal(ref.wq, fast.wq) and torch.equal(ref.dequantized_weight(), fast.dequantized_weight())
+    assert torch.equal(ref.dequantized_weight(), quantize_rtn(lin.weight.data, 8, None, symmetric=True))
+    x = torch.randn(5, 130, generator=gen)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-4)
+    qt = fast.qtensor()  # the one representation, back: the same grid
+    assert torch.equal(dequantize(qt), ref.dequantized_weight())
+    with pytest.raises(ValueError, match="8 bits per token"):
+        W8A8Linear.from_linear(lin, a_bits=6, backend="int")
+    with pytest.raises(ValueError, match="backends"):
+        ref.set_backend("lut")
 
 
 def random_24(N, Kf, seed=0):
@@ -251,7 +273,7 @@ def test_model_runs_on_kernels(fmt):
     ids = random_ids(2, 12, 128, seed=0)
     ref = model(ids).logits
     Mo.replace_linears_(model, fmt, lm_head=True)
-    n_kernel = sum(isinstance(m, (Mo.IntLinear, Mo.LUTLinear, Mo.W8A8Linear)) for m in model.modules())
+    n_kernel = sum(isinstance(m, (Mo.IntLinear, Mo.LUTLinear, W8A8Linear)) for m in model.modules())
     assert n_kernel == 2 * 7 + 1
     out = model(ids).logits  # 24 rows: the dequantize + GEMM path of IntLinear and LUTLinear
     one = model(ids[:1, :3]).logits  # 3 rows: the GEMV / LUT kernels

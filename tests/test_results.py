@@ -229,18 +229,19 @@ def test_a_timed_claim_is_reported_never_asserted_and_its_verdict_not_compared(o
 def test_points_are_typed_written_through_results_and_read_back(outputs):
     r = R.Results("98_demo", tolerances={"points.*": 0.02})
     r.point("fp32", 400.0, 10.0, 10.0)
-    r.point("gptq 4-bit", 100.0, 12.0, 10.0, kl=0.05)
+    r.point("gptq 4-bit", 100.0, 12.0, 10.0, kl=0.05, latency_s=0.02)
     r.save()
     other = {"notebook": "97_other", "metrics": {"ppl": {"x": 3.0}}}  # a file without points contributes none
     points = R.frontier_points([json.loads((outputs / "results" / "98_demo.json").read_text()), other])
     assert [(p.notebook, p.label) for p in points] == [("98_demo", "fp32"), ("98_demo", "gptq 4-bit")]
     q = points[1]
     assert (q.size_bytes, q.ppl, q.baseline_ppl, q.kl) == (100.0, 12.0, 10.0, 0.05) and q.ppl_ratio == 1.2
-    assert points[0].kl is None and "kl" not in r.metrics["points"]["fp32"]
+    assert q.latency_s == 0.02 and points[0].latency_s is None
+    assert points[0].kl is None and set(r.metrics["points"]["fp32"]) == {"size_bytes", "ppl", "baseline_ppl"}
 
 
 @pytest.mark.parametrize("bad", [dict(size_bytes=0.0), dict(ppl=float("nan")), dict(baseline_ppl=-1.0), dict(kl=-0.1),
-                                 dict(ppl="12")])
+                                 dict(ppl="12"), dict(latency_s=0.0)])
 def test_a_point_refuses_what_is_not_a_size_or_a_perplexity(bad):
     kw = dict(size_bytes=100.0, ppl=12.0, baseline_ppl=10.0) | bad
     with pytest.raises(ValueError, match=f"point 'x' of 98_demo: {next(iter(bad))} must be"):

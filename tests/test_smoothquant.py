@@ -43,11 +43,11 @@ def test_smoothquant_helps_when_activations_have_outlier_channels():
     lin = nn.Linear(32, 16)
     x = norm(torch.randn(64, 32))
     ref = lin(x)
-    naive = W8A8Linear(lin, a_bits=6, act_granularity="per_token")(x)
+    naive = W8A8Linear.from_linear(lin, a_bits=6, act_granularity="per_token")(x)
     s = smooth_scales(x.abs().amax(0), [lin.weight], 0.5)
     smoothed_lin = nn.Linear(32, 16)
     smoothed_lin.weight.data, smoothed_lin.bias.data = lin.weight.data * s, lin.bias.data
-    smooth = W8A8Linear(smoothed_lin, a_bits=6, act_granularity="per_token")(x / s)
+    smooth = W8A8Linear.from_linear(smoothed_lin, a_bits=6, act_granularity="per_token")(x / s)
     assert (smooth - ref).pow(2).mean() < 0.5 * (naive - ref).pow(2).mean()
 
 
@@ -56,3 +56,26 @@ def test_config_validation():
         SmoothQuantConfig(alpha=1.5)
     with pytest.raises(ValueError, match="act_granularity"):
         SmoothQuantConfig(act_granularity="per_channel")
+
+
+def test_the_int8_kernel_backend_runs_the_same_w8a8_model():
+    # one W8A8 layer, two backends: quantize_(backend="int") equals moving the reference model to "int",
+    # and both agree with the simulated reference up to float rounding (int32 vs float32 sums)
+    import copy
+
+    from shrinklib.quant import set_backend_
+
+    ids = random_ids(2, 16)
+    ref_model = make_picollama()
+    int_model = copy.deepcopy(ref_model)
+    config = SmoothQuantConfig(alpha=0.5)
+    quantize_(ref_model, config, ids, progress=False)
+    quantize_(int_model, config, ids, progress=False, backend="int")
+    layers = [m for m in int_model.modules() if isinstance(m, W8A8Linear)]
+    assert layers and all(m.backend == "int" for m in layers)
+    ref = ref_model(ids).logits
+    torch.testing.assert_close(int_model(ids).logits, ref, rtol=0, atol=1e-5 * ref.abs().max().item())  # measured 2e-7
+    moved = set_backend_(copy.deepcopy(ref_model), "int")
+    torch.testing.assert_close(moved(ids).logits, int_model(ids).logits, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="8 bits per token"):
+        quantize_(make_picollama(), SmoothQuantConfig(act_granularity="per_tensor"), ids, progress=False, backend="int")

@@ -1,5 +1,5 @@
-"""The kernel backends of `shrinklib.quant.QuantLinear` ("int", "codebook", "lut"), the W8A8 and
-2:4 sparse layers, and model-level swaps.
+"""The kernel backends of `shrinklib.quant.QuantLinear` ("int", "codebook", "lut"), the 2:4 sparse
+layer, and model-level swaps (W8A8 is `shrinklib.quant.W8A8Linear` on its "int" backend).
 
 Packed weights are registered as buffers, so `model_size_bytes` counts their real size.
 """
@@ -15,10 +15,11 @@ from torch import Tensor, nn
 from .. import arch
 from ..quant.formats import QTensor, expand_groups, grouped, nearest, quantize_weight, storage_grid
 from ..quant.qlinear import QuantLinear
+from ..quant.smoothquant import W8A8Linear
 from ..units import MiB
-from . import _lib, check_x, dequantize, lut_dequantize, sparse24_dense, w8a8_linear
+from . import _lib, check_x, dequantize, lut_dequantize, sparse24_dense
 from .pack import (CODEBOOKS, Packed24, PackedInt, PackedLUT, lut_row_scales, pack_codebook, pack_int, pack_lut,
-                   pack_sparse24, quantize_int8_rows, unpack_int, unpack_lut)
+                   pack_sparse24, unpack_int, unpack_lut)
 
 GEMV_MAX_ROWS = 8  # above this many rows of x, IntLinear (and Sparse24Linear) build the float weight and call the float GEMM
 # Above this many rows LUTLinear dequantizes and calls the float GEMM. Measured (2 AVX2 cores, lut4,
@@ -118,25 +119,6 @@ class LUTLinear(QuantLinear):
         return y if b["bias"] is None else y + b["bias"]
 
 
-class W8A8Linear(nn.Module):
-    """SmoothQuant-style W8A8 layer: per-channel int8 weight, per-token int8 activations, int32 GEMM."""
-
-    def __init__(self, wq: Tensor, w_scale: Tensor, bias: Tensor | None = None):
-        super().__init__()
-        self.in_features, self.out_features = wq.shape[1], wq.shape[0]
-        self.register_buffer("wq", wq.contiguous())
-        self.register_buffer("w_scale", w_scale.float())
-        self.register_buffer("bias", bias)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "W8A8Linear":
-        wq, s = quantize_int8_rows(linear.weight.detach().float())
-        return cls(wq, s, _bias(linear))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return w8a8_linear(x, self.wq, self.w_scale, self.bias)
-
-
 class Sparse24Linear(nn.Module):
     """Linear layer on a 2:4 sparse weight (values plus 2-bit positions): GEMV kernel for few rows, densify + GEMM for many."""
 
@@ -180,7 +162,7 @@ FORMATS: dict[str, Callable[[nn.Linear], nn.Module]] = {
     "fp4": rtn_layer("codebook", 4, "fp4"),
     "lut4": rtn_layer("lut", 4),
     "lut2": rtn_layer("lut", 2),
-    "w8a8": W8A8Linear.from_linear,
+    "w8a8": lambda linear: W8A8Linear.from_linear(linear, backend="int"),
 }  # RTN g64; for GPTQ/AWQ weights quantize with `shrinklib.quant.quantize_(..., backend=...)`
 
 

@@ -53,7 +53,8 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
         pack: store weight-only results as QuantLinear (packed codes) instead of float weights.
         device: compute device for layer-wise calibration (default: the model's).
         backend: where the QuantLinear layers run: "reference", "int", "codebook" or "lut"
-            (the kernels run on the CPU; calibration still runs on `device`).
+            (the kernels run on the CPU; calibration still runs on `device`); SmoothQuant's
+            W8A8 layers run on "reference" or "int".
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {list(BACKENDS)}")
@@ -67,7 +68,7 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
             raise ValueError(f"{type(config).__name__} needs calib_ids, an (n, L) tensor of calibration token ids")
         (gptq_ if isinstance(config, GPTQConfig) else awq_)(model, calib_ids, config, target, device, progress)
     elif isinstance(config, SmoothQuantConfig):
-        smoothquant_(model, calib_ids, config, device, progress)
+        smoothquant_(model, calib_ids, config, device, progress, backend)
     else:
         raise TypeError(f"unknown config {type(config).__name__}; use one of {[c.__name__ for c, _ in METHODS.values()]}")
     return time.perf_counter() - t0

@@ -39,6 +39,8 @@ def set_backend_(model: nn.Module, backend: str) -> nn.Module:
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear) and type(m) is not cls:
             set_module(model, name, cls.from_qtensor(m.qtensor(), m.bias))
+        elif isinstance(m, W8A8Linear):
+            m.set_backend(backend)
     return model
 
 
@@ -160,8 +162,10 @@ def awq_(model: nn.Module, calib_ids: Tensor, config: AWQConfig, backend: str | 
 
 @torch.no_grad()
 def smoothquant_(model: nn.Module, calib_ids: Tensor | None, config: SmoothQuantConfig, device=None,
-                 progress: bool = True) -> None:
-    """Smooth (if config.smooth) then replace every block linear with a simulated W8A8 linear."""
+                 progress: bool = True, backend: str = "reference") -> None:
+    """Smooth (if config.smooth) then replace every block linear with a W8A8 linear on `backend`
+    ("reference": simulated; "int": the int8 kernel, for 8-bit per-token activations)."""
+    W8A8Linear.from_linear(nn.Linear(1, 1), config.w_bits, config.a_bits, config.act_granularity, backend)  # checks first
     if config.smooth:
         if calib_ids is None:
             raise ValueError("SmoothQuant needs calibration ids to measure activation ranges")
@@ -178,7 +182,7 @@ def smoothquant_(model: nn.Module, calib_ids: Tensor | None, config: SmoothQuant
         sequential(model, calib_ids, step, device=device, desc="SmoothQuant", progress=progress)
     for block in blocks(model):
         for path, lin in linears(block).items():
-            set_module(block, path, W8A8Linear(lin, config.w_bits, config.a_bits, config.act_granularity))
+            set_module(block, path, W8A8Linear.from_linear(lin, config.w_bits, config.a_bits, config.act_granularity, backend))
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
