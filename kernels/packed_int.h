@@ -152,6 +152,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void qrow_a
     int gi, const float* cb, float* y, int N, int o) {
   const __m512 cbv = CB ? _mm512_loadu_ps(cb) : _mm512_setzero_ps();
   int m = 0;
+  for (; m + 8 <= M; m += 8)  // 8 rows per weight conversion: 16 + 8 accumulators of the 32 registers
+    qblock_avx512<BITS, CB, 8>(x + (int64_t)m * Kp, Kp, pk, s, sz, xs + m * G, G, gi, cbv, y + (int64_t)m * N + o, N);
   for (; m + 4 <= M; m += 4)
     qblock_avx512<BITS, CB, 4>(x + (int64_t)m * Kp, Kp, pk, s, sz, xs + m * G, G, gi, cbv, y + (int64_t)m * N + o, N);
   for (; m < M; ++m)
