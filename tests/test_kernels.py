@@ -285,16 +285,25 @@ def test_sparse24_module():
         torch.testing.assert_close(layer(x), lin(x), rtol=1e-5, atol=1e-5)
 
 
-def test_lut_module_switches_to_gemm_above_threshold(monkeypatch):
-    """Few rows go through the LUT kernel; many rows through lut_dequantize + F.linear (float32
-    GEMM, so a tight tolerance against the dequantized reference); a weight over
-    DEQUANT_MAX_BYTES stays on the LUT kernel at any batch."""
+@pytest.mark.parametrize("bf16", [False, True])
+def test_lut_module_switches_to_gemm_above_threshold(monkeypatch, bf16):
+    """Few rows go through the LUT kernel; many rows through lut_dequantize + F.linear (a float32
+    GEMM: a tight tolerance against the dequantized reference; or, where the CPU multiplies
+    bfloat16 natively, a bfloat16 GEMM: x and W rounded to 8 significant bits, each product off by
+    at most ~2·2⁻⁹ of |x||w|, so checked at 1% of Σ|x||w|; both paths run on every CPU); a weight
+    over DEQUANT_MAX_BYTES stays on the LUT kernel at any batch."""
+    monkeypatch.setattr(Mo, "LUT_PREFILL_BF16", bf16)
     lin = nn.Linear(100, 33)
     layer = Mo.LUTLinear.from_linear(lin, 3, 32)
     w = P.PackedLUT(layer.packed, layer.scales, layer.szeros, 3, 32, 100, 33)
     few, many = torch.randn(2, Mo.LUT_GEMV_MAX_ROWS // 2, 100), torch.randn(3, Mo.LUT_GEMV_MAX_ROWS, 100)  # at, above
     torch.testing.assert_close(layer(few), K.lut_gemv(few, w) + lin.bias, rtol=0, atol=0)
-    torch.testing.assert_close(layer(many), many @ R.lut_dequantize(w).T + lin.bias, rtol=1e-5, atol=1e-5)
+    ref = many @ R.lut_dequantize(w).T + lin.bias
+    if bf16:
+        bound = many.abs() @ R.lut_dequantize(w).abs().T + lin.bias.abs()
+        assert layer(many).dtype == torch.float32 and ((layer(many) - ref).abs() <= 0.01 * bound).all()
+    else:
+        torch.testing.assert_close(layer(many), ref, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(Mo, "DEQUANT_MAX_BYTES", 0)
     torch.testing.assert_close(layer(many), K.lut_gemv(many, w) + lin.bias, rtol=0, atol=0)
 
@@ -373,3 +382,11 @@ def test_import_builds_nothing_and_kernels_need_no_models(tmp_path):
         for node in ast.walk(ast.parse(src.read_text())):
             if isinstance(node, ast.ImportFrom):
                 assert "models" not in (node.module or "").split("."), (src.name, node.module)
+
+
+def test_bf16_prefill_only_where_native(monkeypatch):
+    """bfloat16 prefill is chosen at run time: never when torch runs (or is forced to) AVX2."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not Mo.native_bf16()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert Mo.native_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

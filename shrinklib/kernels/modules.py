@@ -36,6 +36,23 @@ LUT_GEMV_MAX_ROWS = 16
 DEQUANT_MAX_BYTES = 32 * MiB
 
 
+def native_bf16() -> bool:
+    """Whether torch multiplies bfloat16 natively here (AVX-512 BF16 or AMX, and torch not forced down
+    to AVX2 by ATEN_CPU_CAPABILITY); elsewhere bfloat16 GEMMs are emulated and slower than float32."""
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2", "NO AVX"):
+        return False
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+# Many rows of x on a LUT layer (prefill): the GEMM in bfloat16 where the CPU has it natively, on
+# the weight dequantized from the LUT layout. Measured (1 thread, 256 rows, 1536x576, Xeon with AMX):
+# float32 GEMM 3.1 ms, bfloat16 0.61 ms (dequantization 0.33 ms). bfloat16 rounds activations to 8
+# significant bits (0.2%), below the LUT decode path's own int8 table rounding (0.4%), so a LUT layer
+# keeps its tolerance against the reference backend; the "int" backend, equal to the reference to
+# float32 rounding, always stays in float32.
+LUT_PREFILL_BF16 = native_bf16()
+
+
 def kernel(name: str):
     """The kernel `name`: its direct binding when eager, the torch operator while tracing or compiling."""
     return getattr(torch.ops.shrink, name) if torch.compiler.is_compiling() else getattr(ext(), name)
@@ -123,7 +140,11 @@ class LUTLinear(QuantLinear):
         b = self._buffers  # as in IntLinear.forward: few Python steps per call
         rows = check_x(x, self.in_features).numel() // self.in_features
         if rows > LUT_GEMV_MAX_ROWS and 4 * self.in_features * self.out_features <= DEQUANT_MAX_BYTES:
-            return F.linear(x, lut_dequantize(self.weight_format), b["bias"])
+            W = lut_dequantize(self.weight_format)  # (out, in) float32
+            if LUT_PREFILL_BF16:
+                bias = None if b["bias"] is None else b["bias"].bfloat16()
+                return F.linear(x.bfloat16(), W.bfloat16(), bias).float()
+            return F.linear(x, W, b["bias"])
         y = kernel("lut_gemv")(x, b["packed"], b["scales"], b["szeros"], self.bits, self.kernel_group, self.out_features)
         return y if b["bias"] is None else y + b["bias"]
 

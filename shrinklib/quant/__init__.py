@@ -60,7 +60,9 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
         raise ValueError(f"unknown backend {backend!r}; use one of {list(BACKENDS)}")
     t0 = time.perf_counter()
     check_not_quantized(model, f"quantize_ with {type(config).__name__}")
-    target = backend if pack else None
+    # Calibration runs the already-quantized blocks on the reference backend, so the result does not
+    # depend on where the layers run afterwards; they move to `backend` at the end.
+    target = "reference" if pack else None
     if isinstance(config, RTNConfig):
         rtn_(model, config, target, progress)
     elif isinstance(config, (GPTQConfig, AWQConfig)):
@@ -68,9 +70,11 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
             raise ValueError(f"{type(config).__name__} needs calib_ids, an (n, L) tensor of calibration token ids")
         (gptq_ if isinstance(config, GPTQConfig) else awq_)(model, calib_ids, config, target, device, progress)
     elif isinstance(config, SmoothQuantConfig):
-        smoothquant_(model, calib_ids, config, device, progress, backend)
+        smoothquant_(model, calib_ids, config, device, progress)
     else:
         raise TypeError(f"unknown config {type(config).__name__}; use one of {[c.__name__ for c, _ in METHODS.values()]}")
+    if pack and backend != "reference":
+        set_backend_(model, backend)
     return time.perf_counter() - t0
 
 
