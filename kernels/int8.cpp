@@ -3,7 +3,7 @@
 //    C[m, n] = sum_k xq[m, k] * wq[n, k], exact in int32.
 //    AVX-512 VNNI: vpdpbusd(u8, s8) with xq + 128 as the unsigned operand, minus 128 * sum_k wq[n, k].
 //    AVX2: sign-extend to int16 and vpmaddwd (vpmaddubsw would saturate 255 * 127 * 2 in int16).
-//    Four rows of x share each load of a weight row.
+//    Four rows of x share each load of a weight row (AVX-512: a tile of 4 rows of x by 4 weight rows).
 #include "common.h"
 
 namespace shrink {
@@ -65,48 +65,55 @@ __attribute__((target("avx2,fma,f16c"))) void dots_avx2(const int8_t* a, int nm,
   (void)wsum;
 }
 
-template <int R>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"), always_inline)) inline void dots_vnni_block(
-    const int8_t* a, const int8_t* b, int32_t wsum, int K, int32_t* c, int64_t ldc) {
-  const __m512i flip = _mm512_set1_epi8((char)0x80);
-  __m512i acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
-  int k = 0;
-  for (; k + 64 <= K; k += 64) {
-    const __m512i vb = _mm512_loadu_si512(b + k);
-    for (int r = 0; r < R; ++r)  // (a + 128) as uint8 times b
-      acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_xor_si512(_mm512_loadu_si512(a + (int64_t)r * K + k), flip), vb);
-  }
-  int32_t head = 0;  // 128 * sum of b over the vectorized part
-  if (k > 0) {
-    if (k == K) {
-      head = 128 * wsum;
-    } else {
-      int32_t s = 0;
-      for (int kk = 0; kk < k; ++kk) s += b[kk];
-      head = 128 * s;
+// VNNI: a (M, K) holds xq + 128 as uint8 (flipped once per call); R rows of x times NB weight rows in
+// registers, each 64-byte load of x or of a weight row feeding NB or R vpdpbusd.
+template <int R, int NB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"), always_inline)) inline void tile_vnni(
+    const uint8_t* a, const int8_t* b, const int32_t* wsum, int K, int32_t* c, int64_t ldc) {
+  __m512i acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_si512();
+  for (int k = 0; k < K; k += 64) {  // the last 64 bytes masked: zero bytes add nothing
+    const __mmask64 mask = k + 64 <= K ? ~0ULL : (1ULL << (K - k)) - 1;
+    __m512i vb[NB];
+    for (int j = 0; j < NB; ++j) vb[j] = _mm512_maskz_loadu_epi8(mask, b + (int64_t)j * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512i va = _mm512_maskz_loadu_epi8(mask, a + (int64_t)r * K + k);
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], va, vb[j]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    int32_t s = _mm512_reduce_add_epi32(acc[r]) - head;
-    for (int kk = k; kk < K; ++kk) s += (int32_t)a[(int64_t)r * K + kk] * b[kk];
-    c[r * ldc] = s;
-  }
+  for (int r = 0; r < R; ++r)  // sum_k (xq + 128) wq - 128 sum_k wq
+    for (int j = 0; j < NB; ++j) c[r * ldc + j] = _mm512_reduce_add_epi32(acc[r][j]) - 128 * wsum[j];
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void dots_vnni(const int8_t* a, int nm, const int8_t* b,
-                                                                                  int32_t wsum, int K, int32_t* c, int64_t ldc) {
+template <int NB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void rows_vnni(const uint8_t* a, int M, const int8_t* b,
+                                                                                 const int32_t* wsum, int K, int32_t* c, int64_t ldc) {
   int m = 0;
-  for (; m + MB <= nm; m += MB) dots_vnni_block<MB>(a + (int64_t)m * K, b, wsum, K, c + m * ldc, ldc);
-  for (; m < nm; ++m) dots_vnni_block<1>(a + (int64_t)m * K, b, wsum, K, c + m * ldc, ldc);
+  for (; m + 4 <= M; m += 4) tile_vnni<4, NB>(a + (int64_t)m * K, b, wsum, K, c + m * ldc, ldc);
+  for (; m < M; ++m) tile_vnni<1, NB>(a + (int64_t)m * K, b, wsum, K, c + m * ldc, ldc);
 }
 
 using DotsFn = void (*)(const int8_t*, int, const int8_t*, int32_t, int, int32_t*, int64_t);
 
-DotsFn dots_fn() { return level() >= AVX512 ? dots_vnni : level() >= AVX2 ? dots_avx2 : dots_scalar; }
+DotsFn dots_fn() { return level() >= AVX2 ? dots_avx2 : dots_scalar; }
 
 // C (M, N) int32 = xq (M, K) wq (N, K)^T; wsum (N,) int32 = sums of the rows of wq.
 void gemm_i8(const int8_t* pa, const int8_t* pb, const int32_t* pws, int M, int N, int K, int32_t* pc) {
+  if (level() >= AVX512) {
+    static thread_local std::vector<uint8_t> au;  // xq + 128 as uint8, the unsigned operand of vpdpbusd
+    au.resize((size_t)M * K);
+    for (int64_t i = 0; i < (int64_t)M * K; ++i) au[i] = (uint8_t)(pa[i] ^ 0x80);
+    const uint8_t* a = au.data();
+    at::parallel_for(0, (N + 3) / 4, 2, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t n = 4 * t;
+        if (n + 4 <= N) rows_vnni<4>(a, M, pb + n * K, pws + n, K, pc + n, N);
+        else for (int64_t j = n; j < N; ++j) rows_vnni<1>(a, M, pb + j * K, pws + j, K, pc + j, N);
+      }
+    });
+    return;
+  }
   DotsFn fn = dots_fn();
   at::parallel_for(0, N, 8, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) fn(pa, M, pb + n * K, pws[n], K, pc + n, N);
