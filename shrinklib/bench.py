@@ -12,8 +12,14 @@ weights exceed the cache decodes and reads every layer's weight once per token. 
 is called over and over and may sit in the cache (a 16 MiB int8 4096×4096 weight fits a 32 MiB
 L3), which flatters the formats with more bytes per weight; those columns are printed beside.
 
+Whole-model decode is timed two ways: the plain `transformers` loop (dynamic KV cache, one eager
+forward per token) and `shrinklib.decode.Decoder` (static KV cache, compiled one-token step), whose
+warm-up (tracing and compiling, once per format; inductor's cache keeps the code for later runs) is
+printed beside its speed. The greedy tokens of both must agree.
+
 Options: `--quick`, `--no-model` (layers only), `--no-layers` (whole model only), `--prefill N`
-(prompt tokens of the prefill timing, default 512), `--threads N`, `--help`.
+(prompt tokens of the prefill timing, default 512), `--repeats N` (whole-model timings, to show
+their spread), `--no-compile`, `--threads N`, `--help`.
 """
 
 from __future__ import annotations
@@ -31,64 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels as K
+from .evaluate import model_size_bytes, best_time, last_level_cache_bytes, peak_flops, read_bandwidth, streamed_time
 from .kernels import modules as Mo
-from .results import Results, markdown_table, new_figure, save_figure
+from .results import Results, markdown_table, new_figure, save_figure, show_table
 
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in) of q/o, k/v, gate/up, down
 LARGE_SHAPES = [(4096, 4096), (11008, 4096)]
-
-
-def best_time(fn, min_time: float = 0.2, max_repeats: int = 200, warmup: int = 2, min_repeats: int = 5) -> float:
-    """Fastest seconds of fn() over repeats filling about `min_time` (at least `min_repeats`, after
-    `warmup` calls and one probe): the least-disturbed run, since other processes on a shared
-    machine only ever add time."""
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    fn()
-    n = int(min(max_repeats, max(min_repeats, min_time / max(time.perf_counter() - t0, 1e-6))))
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
-
-
-def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
-    """Size of the CPU's largest cache, from Linux's sysfs (`default` where it cannot be read)."""
-    sizes = []
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip().upper()
-        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
-        sizes.append(int(text.rstrip("KMG")) * unit)
-    return max(sizes, default=default)
-
-
-def read_bandwidth(nbytes: int | None = None) -> float:
-    """Measured memory read bandwidth in bytes/s: a sum over a float32 tensor of `nbytes`
-    (default 8x the last-level cache, at least 256 MiB, so the caches cannot hold it)."""
-    nbytes = nbytes or max(256 * 2**20, 8 * last_level_cache_bytes())
-    a = torch.ones(nbytes // 4)
-    return nbytes / best_time(lambda: a.sum(), min_time=0.5, max_repeats=20)
-
-
-def streamed_time(kernels: list, x, min_time: float = 0.2, max_repeats: int = 50) -> float:
-    """Seconds per call when `kernels` (copies of one layer, together larger than the caches) are
-    called in turn, as a decoding model calls its layers: each weight comes from memory, while the
-    code and the activations stay in the cache. The fastest of at least 3 passes after one warm-up
-    pass: a pass already averages over every copy, so fewer passes than `best_time`'s default do."""
-    def one_pass():
-        for k in kernels:
-            k(x)
-
-    return best_time(one_pass, min_time, max_repeats, warmup=1, min_repeats=3) / len(kernels)
-
-
-def peak_flops(n: int = 1024) -> float:
-    """Measured float32 matmul FLOP/s (torch's GEMM)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / best_time(lambda: a @ b, min_time=0.5)
 
 
 @dataclass
@@ -108,34 +62,22 @@ def _codes(W, bits, g=64):
     return Mo.rtn_codes(W, bits, g)
 
 
-def _ours_int(bits):
+def _ours(fmt: str | Callable[[nn.Linear], nn.Module]):
+    """A layer of ours, as a model runs it (the module, with its switch from GEMV to dequantize + GEMM)."""
+    make_layer = Mo.FORMATS[fmt] if isinstance(fmt, str) else fmt
+
     def make(W):
-        w = K.pack_int(*_codes(W, bits), bits, 64)
-        return Kernel(K.int_matmul, (w,), w.nbytes())
+        lin = nn.Linear(W.shape[1], W.shape[0], bias=False)
+        lin.weight.data = W
+        layer = make_layer(lin)
+        return Kernel(_call_module, (layer,), model_size_bytes(layer))
     return make
 
 
-def _ours_lut(bits):
-    def make(W):
-        w = K.pack_lut(*_codes(W, bits), bits, 64)
-        return Kernel(K.lut_gemv, (w,), w.nbytes())
-    return make
-
-
-def _ours_nf4(W):
-    q, s = Mo.codebook_codes(W, K.NF4, 64)
-    w = K.pack_codebook(q, s, "nf4", 64)
-    return Kernel(K.int_matmul, (w,), w.nbytes())
-
-
-def _ours_w8a8(W):
-    wq, s = K.quantize_int8_rows(W)
-    return Kernel(K.w8a8_linear, (wq, s), wq.numel() + s.numel() * 4)
-
-
-def _ours_24(W):
-    w = K.pack_sparse24(W * (torch.rand_like(W.reshape(-1, 4)).argsort(-1) < 2).reshape(W.shape))
-    return Kernel(K.sparse24_matmul, (w,), w.nbytes())
+def _sparse24(lin: nn.Linear) -> nn.Module:
+    keep = (torch.rand_like(lin.weight.reshape(-1, 4)).argsort(-1) < 2).reshape(lin.weight.shape)
+    lin.weight.data = lin.weight.data * keep
+    return Mo.Sparse24Linear.from_linear(lin, keep)
 
 
 def _torch_f32(W):
@@ -174,17 +116,17 @@ METHODS = {
     "torch int8 dynamic (fbgemm)": _torch_int8_dynamic,
     "torch int4 (f32 input)": _torch_int4(torch.float32),
     "torch int4 (bf16 input)": _torch_int4(torch.bfloat16),
-    "ours int8": _ours_int(8),
-    "ours int4": _ours_int(4),
-    "ours int3": _ours_int(3),
-    "ours int2": _ours_int(2),
-    "ours nf4": _ours_nf4,
-    "ours lut4 (T-MAC)": _ours_lut(4),
-    "ours lut3 (T-MAC)": _ours_lut(3),
-    "ours lut2 (T-MAC)": _ours_lut(2),
-    "ours lut1 (T-MAC)": _ours_lut(1),
-    "ours w8a8": _ours_w8a8,
-    "ours 2:4 sparse f32": _ours_24,
+    "ours int8": _ours("int8"),
+    "ours int4": _ours("int4"),
+    "ours int3": _ours("int3"),
+    "ours int2": _ours("int2"),
+    "ours nf4": _ours("nf4"),
+    "ours lut4 (T-MAC)": _ours("lut4"),
+    "ours lut3 (T-MAC)": _ours(Mo.rtn_layer("lut", 3)),
+    "ours lut2 (T-MAC)": _ours("lut2"),
+    "ours lut1 (T-MAC)": _ours(Mo.rtn_layer("lut", 1)),
+    "ours w8a8": _ours("w8a8"),
+    "ours 2:4 sparse f32": _ours(_sparse24),
 }
 
 
@@ -221,11 +163,29 @@ def bench_layers(shapes, batches=(1, 16), methods=None, min_time: float = 0.2) -
 
 
 @torch.no_grad()
-def bench_model(formats=("float32", "lut4", "int4", "lut2"), new_tokens: int = 16, prefill_len: int = 512,
-                model_id: str = "smollm2-135m") -> list[dict]:
-    """Whole-model batch-1 decode tokens/s and prefill tokens/s with every linear (and the head) on a format."""
+def eager_decode(model: nn.Module, ids: Tensor, new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy decoding the plain `transformers` way (dynamic KV cache, one eager forward per token):
+    the tokens and the seconds of each one-token step."""
+    out = model(ids, use_cache=True)
+    past, nxt, tokens, ts = out.past_key_values, out.logits[:, -1:].argmax(-1), [], []
+    tokens.append(int(nxt))
+    for _ in range(new_tokens - 1):
+        t = time.perf_counter()
+        out = model(nxt, past_key_values=past, use_cache=True)
+        ts.append(time.perf_counter() - t)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        tokens.append(int(nxt))
+    return tokens, ts
+
+
+@torch.no_grad()
+def bench_model(formats=("float32", "int4", "lut4", "lut2"), new_tokens: int = 16, prefill_len: int = 512,
+                model_id: str = "smollm2-135m", compile: bool = True) -> list[dict]:
+    """Whole-model batch-1 decode tokens/s (plain `transformers` eager decoding, and `shrinklib.decode`'s
+    static cache with a compiled step, its warm-up beside it) and prefill tokens/s, with every linear
+    (and the head) on a format; the greedy tokens of both decodes must agree."""
+    from .decode import Decoder
     from .models import load_model
-    from .evaluate import model_size_bytes
 
     base, tok = load_model(model_id)
     ids = tok("def fibonacci(n):", return_tensors="pt").input_ids
@@ -233,16 +193,16 @@ def bench_model(formats=("float32", "lut4", "int4", "lut2"), new_tokens: int = 1
     rows = []
     for fmt in formats:
         model = base if fmt == "float32" else Mo.replace_linears_(copy.deepcopy(base), fmt, lm_head=True)
-        out = model(ids, use_cache=True)
-        past, nxt, ts = out.past_key_values, out.logits[:, -1:].argmax(-1), []
-        for _ in range(new_tokens):
-            t = time.perf_counter()
-            out = model(nxt, past_key_values=past, use_cache=True)
-            ts.append(time.perf_counter() - t)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        tokens, ts = eager_decode(model, ids, new_tokens)
+        row = {"format": fmt, "decode tok/s (eager)": 1 / min(ts)}
+        if compile:
+            dec = Decoder(model, ids.shape[1] + new_tokens + 1)
+            out = dec.generate(ids, new_tokens)
+            row.update({"decode tok/s (compiled)": out.tokens_per_second, "warm-up s": dec.warmup_seconds,
+                        "same tokens": out.tokens == tokens})
         prefill = best_time(lambda: model(long), min_time=0.0, max_repeats=5) if prefill_len else float("nan")
-        rows.append({"format": fmt, "decode tok/s": 1 / min(ts),
-                     "prefill tok/s": prefill_len / prefill, "size MB": model_size_bytes(model) / 1e6})
+        row.update({"prefill tok/s": prefill_len / prefill, "size MB": model_size_bytes(model) / 1e6})
+        rows.append(row)
     return rows
 
 
@@ -303,13 +263,51 @@ def targets(rows: list[dict], model_rows: list[dict], bandwidth: float) -> list[
         ]
     if lut4 and lut2:
         out.append({"target": "2-bit LUT <= 0.6x 4-bit LUT time", "measured": lut2["ms"] / lut4["ms"], "met": lut2["ms"] / lut4["ms"] <= 0.6})
+    out += model_targets(model_rows)
+    if rows:
+        b16 = [r for r in rows if r["shape"] == "4096x4096" and r["batch"] == 16]
+        f32 = next((r for r in b16 if r["method"] == "torch f32 F.linear"), None)
+        fbgemm = next((r for r in b16 if r["method"] == "torch int8 dynamic (fbgemm)"), None)
+        ours = [r for r in b16 if r["method"].startswith("ours")]
+        if f32 and ours:
+            worst = max(ours, key=lambda r: r["ms"])
+            out.append({"target": f"batch 16 (4096²): every format of ours >= float32 (slowest: {worst['method']})",
+                        "measured": f32["ms"] / worst["ms"], "met": worst["ms"] <= f32["ms"]})
+        if fbgemm and ours:
+            best = min(ours, key=lambda r: r["ms"])
+            out.append({"target": f"batch 16 (4096²): best of ours >= fbgemm int8 ({best['method']})",
+                        "measured": fbgemm["ms"] / best["ms"], "met": best["ms"] <= fbgemm["ms"]})
+    return out
+
+
+def decode_speed(row: dict) -> float:
+    """A model row's decode tokens/s: the faster of its eager and compiled decodes."""
+    return max(v for k, v in row.items() if k.startswith("decode tok/s") and isinstance(v, float))
+
+
+def model_targets(model_rows: list[dict]) -> list[dict]:
+    """The whole-model goals: LUT 4-bit decode at llama.cpp's speed, float32 decode twice the eager
+    `transformers` loop, LUT 2-bit faster than 4-bit, prefill of every format >= 0.9x float32 and >= llama.cpp."""
     by = {r["format"]: r for r in model_rows}
-    if "float32" in by:
-        for fmt in ("lut4", "int4"):
-            if fmt in by:
-                out.append({"target": f"{fmt} model decode >= 50 tok/s", "measured": by[fmt]["decode tok/s"], "met": by[fmt]["decode tok/s"] >= 50})
-                ratio = by[fmt]["prefill tok/s"] / by["float32"]["prefill tok/s"]
-                out.append({"target": f"{fmt} model prefill >= 0.9x float32", "measured": ratio, "met": ratio >= 0.9})
+    llama = next((r for r in model_rows if r["format"].startswith("llama.cpp")), None)
+    out = []
+    if "lut4" in by and llama:
+        ratio = decode_speed(by["lut4"]) / llama["decode tok/s"]
+        out.append({"target": f"lut4 decode >= 1.0x {llama['format']}", "measured": ratio, "met": ratio >= 1.0})
+    f32 = by.get("float32")
+    if f32 and "decode tok/s (compiled)" in f32:
+        ratio = f32["decode tok/s (compiled)"] / f32["decode tok/s (eager)"]
+        out.append({"target": "float32 decode >= 2x the eager transformers loop", "measured": ratio, "met": ratio >= 2.0})
+    if "lut4" in by and "lut2" in by:
+        ratio = decode_speed(by["lut2"]) / decode_speed(by["lut4"])
+        out.append({"target": "lut2 decode faster than lut4", "measured": ratio, "met": ratio > 1.0})
+    for fmt, r in by.items():
+        if f32 and fmt != "float32" and not fmt.startswith("llama.cpp"):
+            ratio = r["prefill tok/s"] / f32["prefill tok/s"]
+            out.append({"target": f"{fmt} prefill >= 0.9x float32", "measured": ratio, "met": ratio >= 0.9})
+            if llama:
+                ratio = r["prefill tok/s"] / llama["prefill tok/s"]
+                out.append({"target": f"{fmt} prefill >= llama.cpp's", "measured": ratio, "met": ratio >= 1.0})
     return out
 
 
@@ -319,17 +317,26 @@ def roofline_figure(rows: list[dict], bandwidth: float, flops: float, name: str 
     ai = torch.logspace(-1.5, 3, 100)
     ax.loglog(ai, torch.minimum(ai * bandwidth, torch.tensor(flops)) / 1e9, "k-", lw=1,
               label="roofline: measured bandwidth, float32 GEMM peak")
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     for r in rows:
-        mark = "o" if r["batch"] == 1 else "s"
-        color = "C0" if r["method"].startswith("torch") else "C3" if "lut" in r["method"] else "C1"
-        ax.loglog(r["flops"] / r["bytes"], r["flops"] / (r["ms"] / 1e3) / 1e9, mark, color=color, alpha=0.7, ms=4)
-    for c, lab in (("C0", "torch"), ("C1", "ours (dequantize in registers)"), ("C3", "ours (LUT)")):
-        ax.plot([], [], "o", color=c, label=lab)
-    ax.set_xlabel("FLOPs per weight byte (circles batch 1, squares batch 16)")
+        mark = ("o" if r["batch"] == 1 else "s") if not r["method"].startswith("torch") else ("^" if r["batch"] == 1 else "v")
+        ax.loglog(r["flops"] / r["bytes"], r["flops"] / (r["ms"] / 1e3) / 1e9, mark, color=colors[r["method"]], alpha=0.8, ms=5)
+    for m in methods:  # one legend entry per method
+        ax.plot([], [], "^" if m.startswith("torch") else "o", color=colors[m], label=m)
+    ax.set_xlabel("FLOPs per weight byte (ours: circles batch 1, squares batch 16; torch: triangles up 1, down 16)")
     ax.set_ylabel("effective GFLOP/s (2·M·N·K / time)")
     ax.set_title("integer and lookup kernels are not bound by the float32 peak", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     return save_figure(fig, name)
+
+
+def show_rows(rows: list[dict]) -> None:
+    """A table: rendered in a notebook, Markdown in a terminal."""
+    if "ipykernel" in sys.modules:
+        show_table(rows)
+    else:
+        print(markdown_table(rows))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -351,17 +358,25 @@ def main(argv: list[str] | None = None) -> dict:
     methods = None if not quick else ["torch f32 F.linear", "torch int8 dynamic (fbgemm)", "ours int4", "ours lut4 (T-MAC)", "ours lut2 (T-MAC)"]
     rows = [] if "--no-layers" in argv else bench_layers(shapes, methods=methods, min_time=0.1 if quick else 0.3)
     if rows:
-        print(markdown_table([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k not in ("bytes", "flops")} for r in rows]))
-    model_rows = [] if "--no-model" in argv else bench_model(new_tokens=8 if quick else 32, prefill_len=prefill_len)
-    if model_rows:
+        show_rows([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k not in ("bytes", "flops")} for r in rows])
+    repeats = int(argv[argv.index("--repeats") + 1]) if "--repeats" in argv else 1
+    model_rows = []
+    for r in range(0 if "--no-model" in argv else repeats):  # repeated to show the run-to-run spread
+        rows_r = bench_model(new_tokens=8 if quick else 32, prefill_len=prefill_len, compile="--no-compile" not in argv)
         llama = bench_llama_cpp(new_tokens=8 if quick else 32, prefill_len=prefill_len)
-        if llama is None:
+        if llama is None and r == 0:
             print("llama.cpp: llama-cpp-python is not installed; `pip install llama-cpp-python` adds its row")
-        else:
-            model_rows.append({k: v for k, v in llama.items() if k != "tokens"})
-        print(markdown_table([{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()} for r in model_rows]))
+        elif llama is not None:
+            rows_r.append({k: v for k, v in llama.items() if k != "tokens"})
+        for row in rows_r:
+            row["run"] = r + 1
+            if llama is not None:
+                row["decode vs llama.cpp"] = decode_speed(row) / llama["decode tok/s"]
+        model_rows += rows_r
+    if model_rows:
+        show_rows([{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()} for r in model_rows])
     goals = targets(rows, model_rows, bw)
-    print(markdown_table([{**g, "measured": round(g["measured"], 2)} for g in goals]))
+    show_rows([{**g, "measured": round(g["measured"], 2)} for g in goals])
     res = Results("03_bench", {"quick": quick, "simd": K.simd_path(), "threads": torch.get_num_threads()},
                   tolerances={"*": None})  # timings of this machine: never compared
     res.metrics.update({"bandwidth_GBps": bw / 1e9, "peak_GFLOPs": fl / 1e9, "layers": rows, "model": model_rows, "targets": goals})

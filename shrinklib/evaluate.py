@@ -245,3 +245,59 @@ def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") ->
         done.set()
         t.join()
     return max(0, max(peak, _rss()) - base)
+
+
+# Timing helpers of the benchmarks (`shrinklib.bench`, notebook 03): the fastest of many repeats,
+# layers timed with their weights streamed from memory, the machine's roofline.
+
+def best_time(fn, min_time: float = 0.2, max_repeats: int = 200, warmup: int = 2, min_repeats: int = 5) -> float:
+    """Fastest seconds of fn() over repeats filling about `min_time` (at least `min_repeats`, after
+    `warmup` calls and one probe): the least-disturbed run, since other processes on a shared
+    machine only ever add time."""
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    n = int(min(max_repeats, max(min_repeats, min_time / max(time.perf_counter() - t0, 1e-6))))
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
+    """Size of the CPU's largest cache, from Linux's sysfs (`default` where it cannot be read)."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=default)
+
+
+def read_bandwidth(nbytes: int | None = None) -> float:
+    """Measured memory read bandwidth in bytes/s: a sum over a float32 tensor of `nbytes`
+    (default 8x the last-level cache, at least 256 MiB, so the caches cannot hold it)."""
+    nbytes = nbytes or max(256 * 2**20, 8 * last_level_cache_bytes())
+    a = torch.ones(nbytes // 4)
+    return nbytes / best_time(lambda: a.sum(), min_time=0.5, max_repeats=20)
+
+
+def streamed_time(kernels: list, x, min_time: float = 0.2, max_repeats: int = 50) -> float:
+    """Seconds per call when `kernels` (copies of one layer, together larger than the caches) are
+    called in turn, as a decoding model calls its layers: each weight comes from memory, while the
+    code and the activations stay in the cache. The fastest of at least 3 passes after one warm-up
+    pass: a pass already averages over every copy, so fewer passes than `best_time`'s default do."""
+    def one_pass():
+        for k in kernels:
+            k(x)
+
+    return best_time(one_pass, min_time, max_repeats, warmup=1, min_repeats=3) / len(kernels)
+
+
+def peak_flops(n: int = 1024) -> float:
+    """Measured float32 matmul FLOP/s (torch's GEMM)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / best_time(lambda: a @ b, min_time=0.5)

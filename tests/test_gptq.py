@@ -207,3 +207,70 @@ def test_other_decoders(kind):
     quantize_(model, GPTQConfig(bits=4, group_size=20), ids, progress=False)  # 32 = 20 + 12, 64 = 3×20 + 4
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
     assert (model(ids).logits - ref).abs().mean() < 0.1 * ref.abs().mean()
+
+
+def column_loop_gptq(W, H, bits, g, symmetric, damp, block_size, act_order):
+    """GPTQ as the column loop on (out, in) slices, the formulation `gptq_quantize` had before it
+    worked on rows of the transposed weight: kept here to show the rewrite computes the same bits."""
+    W, H = W.clone().float(), H.clone().float()
+    out, d = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(d)
+    scales, zeros = int_params(W, bits, g, symmetric)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(d)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros(out, d)
+    for i1 in range(0, d, block_size):
+        i2 = min(i1 + block_size, d)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(out, i2 - i1), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            s, z = scales[:, col // g], zeros[:, col // g]
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / s + z), 0, 2**bits - 1)
+            Q[:, i1 + i] = q
+            err = (w - s * (q - z)) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    q = torch.empty_like(Q)
+    q[:, perm] = Q
+    return q.to(torch.uint8), scales, zeros
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("g,block_size", [(16, 8), (24, 128), (64, 5)])
+def test_equals_the_column_loop_bit_for_bit(act_order, symmetric, g, block_size):
+    """The transposed, in-place formulation makes the same float operations in the same order."""
+    X = _correlated_inputs(n=256, d=72)
+    H = 2 * X.T @ X / X.shape[0]
+    H[5, :], H[:, 5] = 0, 0  # one dead input
+    W = torch.randn(37, 72, generator=torch.Generator().manual_seed(1))
+    fast = gptq_quantize(W, H, 3, g, symmetric, 0.01, block_size, act_order)
+    slow = column_loop_gptq(W, H, 3, min(g, 72), symmetric, 0.01, block_size, act_order)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+
+
+def test_shared_inputs_are_gathered_once():
+    """q/k/v and gate/up read one tensor each: one Hessian per input, equal to each linear's own."""
+    from shrinklib.arch import blocks
+    from shrinklib.calib import capture_block_inputs, run_block
+    from shrinklib.quant.apply import shared_input_stats
+
+    model, ids = make_picollama(), random_ids(4, 16)
+    hidden, kwargs = capture_block_inputs(model, ids)
+    block = blocks(model)[0]
+    forward = lambda: run_block(block, hidden, kwargs, 2)  # noqa: E731
+    shared = shared_input_stats(block, forward)
+    groups = [paths for _, paths in shared.values()]
+    assert sorted(map(sorted, groups)) == sorted(map(sorted, [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                                                                 ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]))
+    each = collect_input_stats(block, forward, hessian=True)
+    for st, paths in shared.values():
+        for path in paths:
+            assert torch.equal(st.hessian, each[path].hessian)

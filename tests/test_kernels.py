@@ -14,7 +14,6 @@ from shrinklib.kernels import modules as Mo
 from shrinklib.kernels import pack as P
 from shrinklib.kernels import reference as R
 from tests.common import make_picollama, random_ids
-from shrinklib.quant import W8A8Linear, dequantize, quantize_rtn
 
 PATHS = K.simd_paths()
 # (out, in, group): odd sizes, in not a multiple of the group or of the 32-code block,
@@ -139,34 +138,25 @@ def test_int8_gemm_bit_exact(path):
         wq = torch.randint(-128, 128, (N, Kf), dtype=torch.int8)
         with K.use_simd(path):
             assert torch.equal(K.int8_gemm(xq, wq), R.int8_gemm(xq, wq))
-    W = torch.randn(9, 70)
-    lin = nn.Linear(70, 9)
-    lin.weight.data = W
-    layer = W8A8Linear.from_linear(lin, backend="int")
-    x = torch.randn(4, 70)
+    x = torch.randint(-127, 128, (2, 1000), dtype=torch.int8)  # AVX-512's 64-byte blocks and a 40-byte tail
+    w = torch.randint(-128, 128, (3, 1000), dtype=torch.int8)
     with K.use_simd(path):
-        torch.testing.assert_close(layer(x), R.w8a8_linear(x, layer.wq, layer.w_scale, layer.bias), rtol=1e-5, atol=1e-5)
-    assert (layer(x) - lin(x)).abs().max() < 0.05 * lin(x).abs().max()
+        assert torch.equal(K.int8_gemm(x, w), R.int8_gemm(x, w))
 
 
-def test_w8a8_backends_apply_one_weight():
-    # the int kernel and the simulated reference hold the same codes and agree on the same input:
-    # both quantize x to 8 bits per token; they differ only in float rounding (int32 vs float sums)
-    gen = torch.Generator().manual_seed(0)
-    lin = nn.Linear(130, 33)
-    lin.weight.data = torch.randn(33, 130, generator=gen)
-    ref = W8A8Linear.from_linear(lin)
-    fast = W8A8Linear.from_linear(lin, backend="int")
-    assert torch.equal(ref.wq, fast.wq) and torch.equal(ref.dequantized_weight(), fast.dequantized_weight())
-    assert torch.equal(ref.dequantized_weight(), quantize_rtn(lin.weight.data, 8, None, symmetric=True))
-    x = torch.randn(5, 130, generator=gen)
-    torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-4)
-    qt = fast.qtensor()  # the one representation, back: the same grid
-    assert torch.equal(dequantize(qt), ref.dequantized_weight())
-    with pytest.raises(ValueError, match="8 bits per token"):
-        W8A8Linear.from_linear(lin, a_bits=6, backend="int")
-    with pytest.raises(ValueError, match="backends"):
-        ref.set_backend("lut")
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("a_bits,per_token", [(8, True), (8, False), (6, True)])
+def test_w8a8_linear_equals_its_reference_bit_for_bit(path, a_bits, per_token):
+    """The same activation codes (the same float operations), an exact int32 product, the same
+    float operations after it: bit-identical, on odd shapes and 1 to 9 rows."""
+    for M, N, Kf in [(1, 33, 100), (5, 7, 130), (9, 64, 576), (2, 3, 1)]:
+        lin = nn.Linear(Kf, N)
+        layer = Mo.W8A8IntLinear.from_linear(lin, a_bits=a_bits, act_granularity="per_token" if per_token else "per_tensor")
+        x = torch.randn(M, Kf, generator=torch.Generator().manual_seed(M)) * 3
+        with K.use_simd(path):
+            y = layer(x)
+        assert torch.equal(y, R.w8a8_linear(x, layer.wq, layer.w_scale, layer.bias, a_bits, per_token))
+        assert (y - lin(x)).abs().max() < 0.05 * lin(x).abs().max()
 
 
 def random_24(N, Kf, seed=0):
@@ -273,7 +263,7 @@ def test_model_runs_on_kernels(fmt):
     ids = random_ids(2, 12, 128, seed=0)
     ref = model(ids).logits
     Mo.replace_linears_(model, fmt, lm_head=True)
-    n_kernel = sum(isinstance(m, (Mo.IntLinear, Mo.LUTLinear, W8A8Linear)) for m in model.modules())
+    n_kernel = sum(isinstance(m, (Mo.IntLinear, Mo.LUTLinear, Mo.W8A8IntLinear)) for m in model.modules())
     assert n_kernel == 2 * 7 + 1
     out = model(ids).logits  # 24 rows: the dequantize + GEMM path of IntLinear and LUTLinear
     one = model(ids[:1, :3]).logits  # 3 rows: the GEMV / LUT kernels
@@ -295,16 +285,25 @@ def test_sparse24_module():
         torch.testing.assert_close(layer(x), lin(x), rtol=1e-5, atol=1e-5)
 
 
-def test_lut_module_switches_to_gemm_above_threshold(monkeypatch):
-    """Few rows go through the LUT kernel; many rows through lut_dequantize + F.linear (float32
-    GEMM, so a tight tolerance against the dequantized reference); a weight over
-    DEQUANT_MAX_BYTES stays on the LUT kernel at any batch."""
+@pytest.mark.parametrize("bf16", [False, True])
+def test_lut_module_switches_to_gemm_above_threshold(monkeypatch, bf16):
+    """Few rows go through the LUT kernel; many rows through lut_dequantize + F.linear (a float32
+    GEMM: a tight tolerance against the dequantized reference; or, where the CPU multiplies
+    bfloat16 natively, a bfloat16 GEMM: x and W rounded to 8 significant bits, each product off by
+    at most ~2·2⁻⁹ of |x||w|, so checked at 1% of Σ|x||w|; both paths run on every CPU); a weight
+    over DEQUANT_MAX_BYTES stays on the LUT kernel at any batch."""
+    monkeypatch.setattr(Mo, "LUT_PREFILL_BF16", bf16)
     lin = nn.Linear(100, 33)
     layer = Mo.LUTLinear.from_linear(lin, 3, 32)
     w = P.PackedLUT(layer.packed, layer.scales, layer.szeros, 3, 32, 100, 33)
     few, many = torch.randn(2, Mo.LUT_GEMV_MAX_ROWS // 2, 100), torch.randn(3, Mo.LUT_GEMV_MAX_ROWS, 100)  # at, above
     torch.testing.assert_close(layer(few), K.lut_gemv(few, w) + lin.bias, rtol=0, atol=0)
-    torch.testing.assert_close(layer(many), many @ R.lut_dequantize(w).T + lin.bias, rtol=1e-5, atol=1e-5)
+    ref = many @ R.lut_dequantize(w).T + lin.bias
+    if bf16:
+        bound = many.abs() @ R.lut_dequantize(w).abs().T + lin.bias.abs()
+        assert layer(many).dtype == torch.float32 and ((layer(many) - ref).abs() <= 0.01 * bound).all()
+    else:
+        torch.testing.assert_close(layer(many), ref, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(Mo, "DEQUANT_MAX_BYTES", 0)
     torch.testing.assert_close(layer(many), K.lut_gemv(many, w) + lin.bias, rtol=0, atol=0)
 
@@ -336,3 +335,58 @@ def test_simd_env_forces_a_path_for_the_whole_run():
     env[K.SIMD_ENV] = "sse9"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "SHRINKLIB_SIMD='sse9' is not a SIMD path" in bad.stderr
+
+
+def _op_samples() -> dict:
+    """Inputs of every tensor operator: odd shapes, a 3-D x, one sample per layout."""
+    q, s, z = random_codes(33, 100, 4, 32)
+    w, wl = K.pack_int(q, s, z, 4, 32), K.pack_lut(q, s, z, 4, 32)
+    qn, sn = Mo.codebook_codes(torch.randn(33, 100), K.NF4, 32)
+    wn = K.pack_codebook(qn, sn, "nf4", 32)
+    W24, mask = random_24(9, 40)
+    w24 = K.pack_sparse24(W24, mask)
+    wq = torch.randint(-127, 128, (9, 70), dtype=torch.int8)
+    x = torch.randn(2, 3, 100)
+    return {
+        "qmatmul": [(x, w.packed, w.scales, w.szeros, w.codebook, 4, 32), (x[0], wn.packed, wn.scales, wn.szeros, wn.codebook, 4, 32)],
+        "qdequant": [(w.packed, w.scales, w.szeros, w.codebook, 4, 32, 100)],
+        "lut_gemv": [(x, wl.packed, wl.scales, wl.szeros, 4, 32, 33)],
+        "lut_dequant": [(wl.packed, wl.scales, wl.szeros, 4, 32, 33, 100)],
+        "int8_gemm": [(torch.randint(-127, 128, (5, 70), dtype=torch.int8), wq)],
+        "w8a8_linear": [(torch.randn(2, 4, 70), wq, wq.sum(1, dtype=torch.int32), torch.rand(9) + 0.1, 127, True),
+                        (torch.randn(3, 70), wq, wq.sum(1, dtype=torch.int32), torch.rand(9) + 0.1, 31, False)],
+        "sparse24_dense": [(w24.values, w24.index, 40)],
+        "sparse24_matmul": [(torch.randn(2, 5, 40), w24.values, w24.index)],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_op_samples()))
+def test_custom_ops_pass_opcheck(name):
+    """Each operator's schema, fake (meta) implementation and tracing agree with its CPU kernel."""
+    for args in _op_samples()[name]:
+        torch.library.opcheck(getattr(K.ops(), name).default, args)
+
+
+def test_import_builds_nothing_and_kernels_need_no_models(tmp_path):
+    """Importing the kernels (and the quantization package) compiles nothing; the first use does.
+    The kernel package imports nothing of the model-loading module."""
+    import ast
+    from pathlib import Path
+
+    code = ("import torch, shrinklib.kernels, shrinklib.kernels.modules, shrinklib.quant; "
+            "print(hasattr(torch.ops.shrink, 'qmatmul'))")
+    env = {**os.environ, "SHRINKLIB_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False" and not (tmp_path / "kernels").exists()
+    for src in Path(K.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(src.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "models" not in (node.module or "").split("."), (src.name, node.module)
+
+
+def test_bf16_prefill_only_where_native(monkeypatch):
+    """bfloat16 prefill is chosen at run time: never when torch runs (or is forced to) AVX2."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not Mo.native_bf16()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert Mo.native_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

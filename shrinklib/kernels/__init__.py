@@ -1,9 +1,16 @@
 """Compiled low-bit CPU kernels (packed int, T-MAC lookup tables, codebooks, W8A8, 2:4 sparse).
 
-The C++ sources in `kernels/` are compiled on first import with torch.utils.cpp_extension and
-cached under `cache_dir()/kernels/<key>`, the key hashing the torch version, the compiler
-flags and the sources, so a stale build is never loaded. Every public function validates its
-input in Python (clear `TypeError`/`ValueError`) before calling the kernel.
+The C++ sources in `kernels/` (one file per kernel family, plus the SIMD dispatch and the operator
+registrations) are compiled on first use, not on import: the first call of a kernel, of `ext()`
+or `build()`, or `python -m shrinklib.kernels`. The build is cached under
+`cache_dir()/kernels/<key>`, the key hashing the torch version, the compiler flags and the
+sources, so a stale build is never loaded. Every public function validates its input in Python
+(clear `TypeError`/`ValueError`) before calling the kernel.
+
+Each kernel is a PyTorch custom operator, `torch.ops.shrink.*`, with a fake (meta)
+implementation registered here, so a model on the kernels can be traced and compiled
+(`torch.compile`); eager code calls the per-token kernels through direct bindings, which skip
+about 2 us of dispatch per call.
 
 Each kernel picks its SIMD path (AVX-512/VNNI, AVX2, scalar) from the CPU at run time.
 `SHRINKLIB_SIMD=avx2` (or `scalar`, `avx512-vnni`) forces a path for a whole run, and hides the
@@ -22,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..models import cache_dir
+from ..io import cache_dir
 from .pack import (  # noqa: F401  (re-exported)
     CODEBOOKS,
     FP4,
@@ -37,7 +44,8 @@ from .pack import (  # noqa: F401  (re-exported)
     quantize_int8_rows,
 )
 
-SOURCES = sorted((Path(__file__).resolve().parents[2] / "kernels").glob("*.cpp"))
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "kernels"
+SOURCES = sorted(SOURCE_DIR.glob("*.cpp"))  # compiled; the headers beside them enter the build key
 CFLAGS = ["-O3", "-fopenmp"]  # SIMD through per-function target attributes; the C++ standard is torch's own
 LDFLAGS = ["-fopenmp"]
 SIMD_NAMES = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
@@ -51,19 +59,28 @@ class KernelBuildError(RuntimeError):
 
 
 def build_key() -> str:
-    """Hash of the torch version, the compiler flags and the kernel sources."""
+    """Hash of the torch version, the compiler flags and the kernel sources (and headers)."""
     h = hashlib.sha256(torch.__version__.encode())
     h.update(" ".join(CFLAGS + LDFLAGS).encode())
-    for src in SOURCES:
+    for src in sorted(SOURCES + sorted(SOURCE_DIR.glob("*.h"))):
         h.update(src.name.encode() + src.read_bytes())
     return h.hexdigest()[:16]
 
 
+_BUILT: dict = {}
+
+
 def build(verbose: bool = False) -> dict:
-    """Compile (or load the cached build of) the kernels; returns what was built, how long it took,
-    and the extension module (its direct bindings of the per-token kernels)."""
+    """Compile (or load the cached build of) the kernels, once per process; returns what was built,
+    how long it took, and the extension module (its direct bindings of the per-token kernels)."""
+    if not _BUILT:
+        _BUILT.update(_build(verbose))
+    return _BUILT
+
+
+def _build(verbose: bool) -> dict:
     if not SOURCES:
-        raise KernelBuildError(f"no C++ sources found in {Path(__file__).resolve().parents[2] / 'kernels'}")
+        raise KernelBuildError(f"no C++ sources found in {SOURCE_DIR}")
     key = build_key()
     folder = cache_dir() / "kernels" / key
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,12 +97,49 @@ def build(verbose: bool = False) -> dict:
             "They need a C++20 compiler (g++ or clang++) and ninja; run `python -m shrinklib.kernels` "
             "to see the full compiler output."
         ) from e
+    _register_fakes()
+    ops = torch.ops.shrink
+    ops.set_simd_level(forced_simd_level(os.environ.get(SIMD_ENV), ops.simd_max_level()))
     return {"key": key, "folder": str(folder), "cached": cached, "seconds": time.perf_counter() - t0, "module": module}
 
 
-BUILD = build()
-_ops = torch.ops.shrink  # every kernel, as torch operators
-_lib = BUILD["module"]  # the per-token kernels bound directly (~2 us less per call than torch.ops)
+def ext():
+    """The extension module (built on first use): direct bindings of the per-token kernels."""
+    return (_BUILT or build())["module"]
+
+
+def ops():
+    """`torch.ops.shrink`, every kernel as a torch operator (built on first use)."""
+    build()
+    return torch.ops.shrink
+
+
+def __getattr__(name: str):
+    if name == "BUILD":  # the build's description, building on first access
+        return build()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _rows_like(x: Tensor, n: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _register_fakes() -> None:
+    """Fake implementations (output shape and dtype from the inputs alone) for tracing and compiling."""
+    fakes = {
+        "qmatmul": lambda x, packed, scales, szeros, codebook, bits, group_size: _rows_like(x, packed.shape[0]),
+        "qdequant": lambda packed, scales, szeros, codebook, bits, group_size, in_features:
+            packed.new_empty((packed.shape[0], in_features), dtype=torch.float32),
+        "lut_gemv": lambda x, packed, scales, szeros, bits, group_size, out_features: _rows_like(x, out_features),
+        "lut_dequant": lambda packed, scales, szeros, bits, group_size, out_features, in_features:
+            packed.new_empty((out_features, in_features), dtype=torch.float32),
+        "int8_gemm": lambda xq, wq: xq.new_empty((xq.shape[0], wq.shape[0]), dtype=torch.int32),
+        "w8a8_linear": lambda x, wq, wsum, w_scale, a_qmax, per_token: _rows_like(x, wq.shape[0]),
+        "sparse24_dense": lambda values, index, in_features: values.new_empty((values.shape[0], in_features)),
+        "sparse24_matmul": lambda x, values, index: _rows_like(x, values.shape[0]),
+    }
+    for name, fn in fakes.items():
+        torch.library.register_fake(f"shrink::{name}", fn)
 
 
 def forced_simd_level(value: str | None, cpu_max: int) -> int:
@@ -105,18 +159,15 @@ def forced_simd_level(value: str | None, cpu_max: int) -> int:
     return names[value]
 
 
-_max_level = forced_simd_level(os.environ.get(SIMD_ENV), _ops.simd_max_level())
-_ops.set_simd_level(_max_level)
-
-
 def simd_path() -> str:
     """The SIMD path the kernels use now: 'avx512-vnni', 'avx2' or 'scalar'."""
-    return SIMD_NAMES[_ops.simd_level()]
+    return SIMD_NAMES[ops().simd_level()]
 
 
 def simd_paths() -> list[str]:
     """Every path this run can use, best first: those of the CPU, capped by `$SHRINKLIB_SIMD`."""
-    return [SIMD_NAMES[i] for i in range(_max_level, -1, -1)]
+    top = forced_simd_level(os.environ.get(SIMD_ENV), ops().simd_max_level())
+    return [SIMD_NAMES[i] for i in range(top, -1, -1)]
 
 
 @contextlib.contextmanager
@@ -126,12 +177,12 @@ def use_simd(path: str):
     if path not in names or path not in simd_paths():
         forced = f" ({SIMD_ENV}={os.environ[SIMD_ENV]})" if os.environ.get(SIMD_ENV) else ""
         raise ValueError(f"SIMD path {path!r} is not available here{forced}; choose from {simd_paths()}")
-    old = _ops.simd_level()
-    _ops.set_simd_level(names[path])
+    old = ops().simd_level()
+    ops().set_simd_level(names[path])
     try:
         yield
     finally:
-        _ops.set_simd_level(old)
+        ops().set_simd_level(old)
 
 
 def check_x(x: Tensor, in_features: int) -> Tensor:
@@ -155,12 +206,12 @@ def int_matmul(x: Tensor, w: PackedInt) -> Tensor:
         x: (..., in) float32.
         w: from `pack_int` or `pack_codebook`.
     """
-    return _lib.qmatmul(check_x(x, w.in_features), w.packed, w.scales, w.szeros, w.codebook, w.bits, w.group_size)
+    return ext().qmatmul(check_x(x, w.in_features), w.packed, w.scales, w.szeros, w.codebook, w.bits, w.group_size)
 
 
 def dequantize(w: PackedInt) -> Tensor:
     """The float32 (out, in) weight of a packed integer or codebook weight."""
-    return _ops.qdequant(w.packed, w.scales, w.szeros, w.codebook, w.bits, w.group_size, w.in_features)
+    return ops().qdequant(w.packed, w.scales, w.szeros, w.codebook, w.bits, w.group_size, w.in_features)
 
 
 def lut_gemv(x: Tensor, w: PackedLUT) -> Tensor:
@@ -170,12 +221,12 @@ def lut_gemv(x: Tensor, w: PackedLUT) -> Tensor:
         x: (..., in) float32; each row is a separate GEMV.
         w: from `pack_lut`.
     """
-    return _lib.lut_gemv(check_x(x, w.in_features), w.packed, w.scales, w.szeros, w.bits, w.group_size, w.out_features)
+    return ext().lut_gemv(check_x(x, w.in_features), w.packed, w.scales, w.szeros, w.bits, w.group_size, w.out_features)
 
 
 def lut_dequantize(w: PackedLUT) -> Tensor:
     """The float32 (out, in) weight of a LUT-packed weight, W = s * q - s*z (for the float GEMM of prefill)."""
-    return _ops.lut_dequant(w.packed, w.scales, w.szeros, w.bits, w.group_size, w.out_features, w.in_features)
+    return ops().lut_dequant(w.packed, w.scales, w.szeros, w.bits, w.group_size, w.out_features, w.in_features)
 
 
 def int8_gemm(xq: Tensor, wq: Tensor) -> Tensor:
@@ -187,23 +238,24 @@ def int8_gemm(xq: Tensor, wq: Tensor) -> Tensor:
             raise ValueError(f"{name} must be 2-D on the CPU, got shape {tuple(t.shape)} on {t.device}")
     if xq.shape[1] != wq.shape[1]:
         raise ValueError(f"xq {tuple(xq.shape)} and wq {tuple(wq.shape)} disagree on K")
-    return _ops.int8_gemm(xq.contiguous(), wq.contiguous())
+    return ops().int8_gemm(xq.contiguous(), wq.contiguous())
 
 
-def w8a8_linear(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """SmoothQuant-style W8A8: per-token int8 activations, per-channel int8 weights, int32 GEMM."""
-    xq, x_scale = quantize_int8_rows(check_x(x, wq.shape[1]).reshape(-1, wq.shape[1]))
-    y = int8_gemm(xq, wq).float() * x_scale[:, None] * w_scale[None, :]
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*x.shape[:-1], wq.shape[0])
+def w8a8_linear(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Tensor | None = None, a_bits: int = 8,
+                per_token: bool = True) -> Tensor:
+    """W8A8 (SmoothQuant): dynamic symmetric int8 activations (per token, or one scale for all of x),
+    per-channel int8 weights `wq` (out, in) with float32 scales `w_scale` (out,), exact int32 GEMM."""
+    wsum = wq.sum(1, dtype=torch.int32)
+    y = ext().w8a8_linear(check_x(x, wq.shape[1]), wq.contiguous(), wsum, w_scale.float().contiguous(),
+                          2 ** (a_bits - 1) - 1, per_token)
+    return y if bias is None else y + bias
 
 
 def sparse24_matmul(x: Tensor, w: Packed24) -> Tensor:
     """y = x Wᵀ for a 2:4 sparse weight stored as values plus 2-bit positions."""
-    return _lib.sparse24_matmul(check_x(x, w.in_features), w.values, w.index)
+    return ext().sparse24_matmul(check_x(x, w.in_features), w.values, w.index)
 
 
 def sparse24_dense(w: Packed24) -> Tensor:
     """The dense float32 (out, in) weight of a 2:4 sparse weight (for the float GEMM of prefill)."""
-    return _ops.sparse24_dense(w.values, w.index, w.in_features)
+    return ops().sparse24_dense(w.values, w.index, w.in_features)

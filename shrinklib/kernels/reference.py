@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .pack import _lut_chunks, Packed24, PackedInt, PackedLUT, lut_row_scales, quantize_int8_rows, unpack_int, unpack_lut
+from .pack import _lut_chunks, Packed24, PackedInt, PackedLUT, lut_row_scales, unpack_int, unpack_lut
 
 
 def _expand(t: Tensor, g: int, K: int) -> Tensor:
@@ -101,12 +101,16 @@ def int8_gemm(xq: Tensor, wq: Tensor) -> Tensor:
     return (xq.long() @ wq.long().T).to(torch.int32)
 
 
-def w8a8_linear(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Per-token int8 activations times per-channel int8 weights."""
+def w8a8_linear(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Tensor | None = None, a_bits: int = 8,
+                per_token: bool = True) -> Tensor:
+    """Dynamic int8 activations (`shrinklib.quant.quantize_activations`) times per-channel int8 weights:
+    the exact integer product, then (float(C) · s_x) · w_scale, the kernel's float operations."""
+    from ..quant.smoothquant import quantize_activations
+
     x2 = x.reshape(-1, wq.shape[1])
-    xq, x_scale = quantize_int8_rows(x2)
-    y = int8_gemm(xq, wq).double() * x_scale[:, None].double() * w_scale[None, :].double()
-    y = y.float() + (bias if bias is not None else 0)
+    codes, s = quantize_activations(x2, a_bits, per_token)  # s (M, 1) per token, () per tensor
+    y = int8_gemm(codes.to(torch.int8), wq).float() * s * w_scale[None, :]
+    y = y + (bias if bias is not None else 0)
     return y.reshape(*x.shape[:-1], wq.shape[0])
 
 

@@ -31,7 +31,7 @@ from .formats import (TABLES, QTensor, dequantize, dequantize_codes, int_params,
                       quantize_rtn, quantize_weight, storage_grid)
 from .gptq import gptq_quantize
 from .qlinear import BACKENDS, QuantLinear, backend_class, pack_codes, unpack_codes
-from .smoothquant import W8A8Linear, smooth_scales
+from .smoothquant import W8A8Linear, quantize_activations, smooth_scales, w8a8_class
 
 # method -> (config class, paper URL)
 METHODS = {
@@ -53,14 +53,16 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
         pack: store weight-only results as QuantLinear (packed codes) instead of float weights.
         device: compute device for layer-wise calibration (default: the model's).
         backend: where the QuantLinear layers run: "reference", "int", "codebook" or "lut"
-            (the kernels run on the CPU; calibration still runs on `device`); SmoothQuant's
-            W8A8 layers run on "reference" or "int".
+            (the kernels run on the CPU; calibration still runs on `device`); W8A8 layers run on
+            "reference" or "int".
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {list(BACKENDS)}")
     t0 = time.perf_counter()
     check_not_quantized(model, f"quantize_ with {type(config).__name__}")
-    target = backend if pack else None
+    # Calibration runs the already-quantized blocks on the reference backend, so the result does not
+    # depend on where the layers run afterwards; they move to `backend` at the end.
+    target = "reference" if pack else None
     if isinstance(config, RTNConfig):
         rtn_(model, config, target, progress)
     elif isinstance(config, (GPTQConfig, AWQConfig)):
@@ -68,9 +70,11 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
             raise ValueError(f"{type(config).__name__} needs calib_ids, an (n, L) tensor of calibration token ids")
         (gptq_ if isinstance(config, GPTQConfig) else awq_)(model, calib_ids, config, target, device, progress)
     elif isinstance(config, SmoothQuantConfig):
-        smoothquant_(model, calib_ids, config, device, progress, backend)
+        smoothquant_(model, calib_ids, config, device, progress)
     else:
         raise TypeError(f"unknown config {type(config).__name__}; use one of {[c.__name__ for c, _ in METHODS.values()]}")
+    if pack and backend != "reference":
+        set_backend_(model, backend)
     return time.perf_counter() - t0
 
 
@@ -79,5 +83,5 @@ __all__ = [
     "W8A8Linear", "awq_", "awq_search_clip", "awq_search_scale", "backend_class", "dequantize", "dequantize_codes", "gptq_",
     "gptq_quantize", "gptq_step", "int_params", "load_quantized", "pack_codes", "quant_layers", "quantize", "quantize_",
     "quantize_codes", "quantize_from_disk", "quantize_rtn", "quantize_weight", "storage_grid", "rtn_", "save_quantized", "set_backend_", "smooth_scales",
-    "smoothquant_", "unpack_codes",
+    "smoothquant_", "unpack_codes", "quantize_activations", "w8a8_class",
 ]

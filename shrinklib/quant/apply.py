@@ -10,14 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from ..arch import blocks, get_path, layout, linears, set_module
-from ..calib import collect_input_stats, record_inputs, sequential
+from ..calib import InputStats, collect_input_stats, record_inputs, sequential
 from .awq import awq_search_clip, awq_search_scale
 from .config import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
 from .folding import fold_scale_, foldable, role_groups
 from .formats import QTensor, dequantize, int_params, quantize, quantize_codes, resolve_group_size
 from .gptq import gptq_quantize
 from .qlinear import QuantLinear, backend_class
-from .smoothquant import W8A8Linear, smooth_scales
+from .smoothquant import W8A8Linear, smooth_scales, w8a8_class
 
 
 def _install(block: nn.Module, path: str, qt: QTensor, backend: str | None) -> None:
@@ -33,14 +33,14 @@ def _install(block: nn.Module, path: str, qt: QTensor, backend: str | None) -> N
 
 @torch.no_grad()
 def set_backend_(model: nn.Module, backend: str) -> nn.Module:
-    """Move every quantized linear of a model to `backend` ("reference", "int", "codebook", "lut"),
-    in place and without loss: each layer's QTensor is repacked in the backend's layout."""
-    cls = backend_class(backend)
+    """Move every quantized linear of a model to `backend` ("reference", "int", "codebook", "lut"; W8A8
+    layers: "reference" or "int"), in place and without loss: each layer's weight is repacked in the
+    backend's layout."""
     for name, m in list(model.named_modules()):
-        if isinstance(m, QuantLinear) and type(m) is not cls:
+        if isinstance(m, QuantLinear) and type(m) is not (cls := backend_class(backend)):
             set_module(model, name, cls.from_qtensor(m.qtensor(), m.bias))
-        elif isinstance(m, W8A8Linear):
-            m.set_backend(backend)
+        elif isinstance(m, W8A8Linear) and type(m) is not (cls := w8a8_class(backend)):
+            set_module(model, name, cls.from_w8a8(m))
     return model
 
 
@@ -58,19 +58,31 @@ def rtn_(model: nn.Module, config: RTNConfig, backend: str | None = "reference",
                                            config.symmetric), backend)
 
 
-def _shared_input_groups(lins: dict[str, nn.Module], stats: dict) -> list[list[str]]:
-    """Linears of one block grouped by identical calibration Hessians (they read the same input)."""
-    groups: list[list[str]] = []
-    for path in lins:
-        H = stats[path].hessian
-        for grp in groups:
-            other = stats[grp[0]].hessian
-            if other.shape == H.shape and torch.equal(other, H):
-                grp.append(path)
-                break
-        else:
-            groups.append([path])
-    return groups
+def shared_input_stats(block: nn.Module, forward) -> dict[str, tuple[InputStats, list[str]]]:
+    """Input statistics (with Hessians) of a block's linears, gathered once per distinct input: a
+    linear called right after another on the same tensor (q/k/v, gate/up) shares that one's
+    statistics instead of accumulating an equal Hessian again. Returns, per distinct input, its
+    statistics and the paths of the linears reading it."""
+    lins = linears(block)
+    owner: dict[str, str] = {}
+    stats: dict[str, InputStats] = {}
+    last: list = [None, None]  # (name, x) of the previous call, kept alive so its memory is not reused
+
+    def add(name: str, x: Tensor) -> None:
+        if name not in owner:
+            prev, px = last
+            same = prev is not None and px.shape == x.shape and px.data_ptr() == x.data_ptr() and torch.equal(px, x)
+            owner[name] = owner[prev] if same else name
+        last[:] = [name, x]
+        if owner[name] == name:
+            stats.setdefault(name, InputStats()).add(x)
+
+    with record_inputs(lins, add):
+        forward()
+    groups: dict[str, list[str]] = {}
+    for name in lins:
+        groups.setdefault(owner[name], []).append(name)
+    return {first: (stats[first], paths) for first, paths in groups.items()}
 
 
 def gptq_step(config: GPTQConfig, backend: str | None = "reference"):
@@ -78,14 +90,13 @@ def gptq_step(config: GPTQConfig, backend: str | None = "reference"):
     the Hessian of its calibration inputs, installed on `backend`."""
 
     def step(s):
-        stats = collect_input_stats(s.block, s.forward, hessian=True)
-        for paths in _shared_input_groups(linears(s.block), stats):
+        for st, paths in shared_input_stats(s.block, s.forward).values():
             lins = [get_path(s.block, p) for p in paths]
             g = resolve_group_size(config.group_size, lins[0].in_features)
             # GPTQ treats rows independently given H, so linears reading the same input (q/k/v,
             # gate/up) are quantized as one stacked matrix: the same result, one column loop.
             W = torch.cat([lin.weight.detach().float() for lin in lins])
-            q, sc, z = gptq_quantize(W, stats[paths[0]].hessian, config.bits, g, config.symmetric,
+            q, sc, z = gptq_quantize(W, st.hessian, config.bits, g, config.symmetric,
                                      config.damp, config.block_size, config.act_order)
             rows = 0
             for path, lin in zip(paths, lins):
@@ -164,8 +175,8 @@ def awq_(model: nn.Module, calib_ids: Tensor, config: AWQConfig, backend: str | 
 def smoothquant_(model: nn.Module, calib_ids: Tensor | None, config: SmoothQuantConfig, device=None,
                  progress: bool = True, backend: str = "reference") -> None:
     """Smooth (if config.smooth) then replace every block linear with a W8A8 linear on `backend`
-    ("reference": simulated; "int": the int8 kernel, for 8-bit per-token activations)."""
-    W8A8Linear.from_linear(nn.Linear(1, 1), config.w_bits, config.a_bits, config.act_granularity, backend)  # checks first
+    ("reference": float GEMM of the int8 codes; "int": the int8 GEMM kernel)."""
+    cls = w8a8_class(backend)
     if config.smooth:
         if calib_ids is None:
             raise ValueError("SmoothQuant needs calibration ids to measure activation ranges")
@@ -182,7 +193,7 @@ def smoothquant_(model: nn.Module, calib_ids: Tensor | None, config: SmoothQuant
         sequential(model, calib_ids, step, device=device, desc="SmoothQuant", progress=progress)
     for block in blocks(model):
         for path, lin in linears(block).items():
-            set_module(block, path, W8A8Linear.from_linear(lin, config.w_bits, config.a_bits, config.act_granularity, backend))
+            set_module(block, path, cls.from_linear(lin, config.w_bits, config.a_bits, config.act_granularity))
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:

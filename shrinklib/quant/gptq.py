@@ -44,21 +44,37 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int = 4, group_size: int | None = 
     W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(d, device=W.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # (in, in)
-    Q = torch.zeros(out, d, device=W.device)  # codes, permuted order
-    order = perm.tolist()  # original column index of each position (a list: no tensor indexing in the loop)
+    # Column i of the paper's W is row i here: (in, out) layouts make every per-column step contiguous.
+    WT = W.T.contiguous()  # (in, out), permuted order
+    S, Z = (t.T[perm // g].contiguous() for t in (scales, zeros))  # (in, out): the grid of each column
+    QT = torch.empty(d, out, device=W.device)  # codes, permuted order
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
-        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(out, i2 - i1, device=W.device), Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = order[i1 + i]
-            s, z = scales[:, col // g], zeros[:, col // g]  # (out,)
-            w = W1[:, i]
-            q = torch.clamp(torch.round(w / s + z), 0, 2**bits - 1)
-            Q[:, i1 + i] = q
-            err = (w - s * (q - z)) / Hinv1[i, i]  # (out,)
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the remaining columns
-    q = torch.empty_like(Q)
-    q[:, perm] = Q
-    return q.to(torch.uint8), scales, zeros
+        Err1 = gptq_block_(WT[i1:i2], S[i1:i2], Z[i1:i2], Hinv[i1:i2, i1:i2], QT[i1:i2], bits)  # (out, B)
+        WT[i2:] -= (Err1 @ Hinv[i1:i2, i2:]).T  # lazy batch update of the remaining columns
+    q = torch.empty(out, d, dtype=torch.uint8, device=W.device)
+    q[:, perm] = QT.T.to(torch.uint8)
+    return q, scales, zeros
+
+
+def gptq_block_(W1: Tensor, S1: Tensor, Z1: Tensor, Hinv1: Tensor, Q1: Tensor, bits: int) -> Tensor:
+    """Quantize the B columns of one lazy batch, column after column (rows of the (B, out) views),
+    updating the batch's later columns in place; writes the codes into Q1 (B, out) and returns the
+    scaled errors Err1 (out, B).
+
+    Per column: q = clamp(round(w / s + z), 0, 2^b - 1); err = (w - s(q - z)) / [H⁻¹]_ii; the later
+    columns j > i move by -err · [H⁻¹]_ij (Eq. 3 with the Cholesky rows of H⁻¹). The same float
+    operations in the same order as the textbook loop over columns of W, so the same bits; written
+    in place on unbound rows, a dozen tensor calls per column.
+    """
+    maxq = 2**bits - 1
+    E1 = torch.empty_like(W1)  # (B, out) scaled errors
+    w_, s_, z_, q_, e_ = (t.unbind(0) for t in (W1, S1, Z1, Q1, E1))
+    h_, d_ = Hinv1.unbind(0), Hinv1.diagonal().unbind(0)
+    for i in range(W1.shape[0]):
+        w, s, z, q, e = w_[i], s_[i], z_[i], q_[i], e_[i]
+        torch.div(w, s, out=q).add_(z).round_().clamp_(0, maxq)
+        torch.sub(q, z, out=e).mul_(s)
+        torch.sub(w, e, out=e).div_(d_[i])
+        W1[i + 1:] -= h_[i][i + 1:, None] * e
+    return E1.T.contiguous()

@@ -1,6 +1,20 @@
 """SmoothQuant (Xiao et al., 2023, https://arxiv.org/abs/2211.10438): move activation outliers
 into the weights with s_j = max|X_j|^α / max|W_j|^(1-α) (Eq. 4), then quantize both weights
 (per channel) and activations (per token, dynamic) to 8 bits: W8A8.
+
+One W8A8 representation, two backends (as `QuantLinear` for weight-only formats):
+
+    wq       int8 (out, in): the weight's codes on a symmetric per-channel grid, |wq| <= 2^(w_bits-1) - 1
+    w_scale  float32 (out,), float16-exact: W = w_scale[:, None] * wq
+    a_bits, act_granularity: activations x ≈ s_x · clamp(round(x / s_x), ±(2^(a_bits-1) - 1)),
+             s_x = max(max|x|, 1e-8) / (2^(a_bits-1) - 1) per token (or over the whole tensor)
+
+    "reference"  W8A8Linear: the activation codes times s_x, then float `F.linear` with W
+    "int"        kernels.modules.W8A8IntLinear: the int32 GEMM of the codes (VNNI where the CPU
+                 has it), times s_x · w_scale
+
+Both round x to the same codes (the same float operations); they differ only in float32 summation
+order, so their outputs agree to ~K·2⁻²⁴ of Σ|x̂||ŵ| per layer.
 """
 
 from __future__ import annotations
@@ -9,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .formats import QTensor, quantize, quantize_activations_per_token
+from .formats import QTensor, quantize
+
+ACT_GRANULARITIES = ("per_token", "per_tensor")
 
 
 def smooth_scales(act_max: Tensor, weights: list[Tensor], alpha: float = 0.5) -> Tensor:
@@ -19,78 +35,80 @@ def smooth_scales(act_max: Tensor, weights: list[Tensor], alpha: float = 0.5) ->
     return s.clamp_min(1e-5)
 
 
+def quantize_activations(x: Tensor, bits: int = 8, per_token: bool = True) -> tuple[Tensor, Tensor]:
+    """Dynamic symmetric codes (float, integer-valued, same shape as x) and scales s_x, (..., 1) per
+    token or () for the whole tensor: x ≈ codes · s_x."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = x.abs().amax(-1, keepdim=True) if per_token else x.abs().amax()
+    s = amax.clamp_min(1e-8) / qmax
+    return torch.clamp(torch.round(x / s), -qmax, qmax), s
+
+
 class W8A8Linear(nn.Module):
-    """W8A8: a per-channel symmetric integer weight (the one representation, `quantize(W, "int",
-    w_bits, None, symmetric=True)`, stored as signed codes and a scale per row) and activations
-    quantized dynamically to `a_bits` (per token or per tensor) at every call.
+    """W8A8 on the reference backend: int8 per-channel weight, dynamic int8 activations, float GEMM;
+    the base class of the kernel backend."""
 
-    Backends, as for `QuantLinear` (`shrinklib.quant.set_backend_` moves between them):
-        "reference"  simulated: the activations rounded to their grid, then `F.linear` on the
-                     dequantized weight (any w_bits, a_bits 2..8, per token or per tensor)
-        "int"        the compiled W8A8 kernel (`shrinklib.kernels.w8a8_linear`): int8 activations
-                     per token, int32 dot products (a_bits = 8 and per-token activations only)
-    """
+    backend = "reference"
 
-    def __init__(self, qt: QTensor, bias: Tensor | None = None, a_bits: int = 8, act_granularity: str = "per_token",
-                 backend: str = "reference"):
+    def __init__(self, qt: QTensor, bias: Tensor | None = None, a_bits: int = 8, act_granularity: str = "per_token"):
         super().__init__()
-        if qt.fmt != "int" or qt.scales.shape[1] != 1 or not torch.all(qt.zeros == 2.0 ** (qt.bits - 1)):
-            raise ValueError("W8A8Linear takes a per-channel symmetric integer grid (quantize(W, 'int', bits, None, "
-                             "symmetric=True))")
+        if qt.fmt != "int" or qt.group_size != qt.q.shape[1] or qt.bits > 8:
+            raise ValueError("W8A8 takes a per-channel integer grid of at most 8 bits (quantize(W, 'int', bits, None, symmetric=True))")
+        z = 2.0 ** (qt.bits - 1)
+        if not torch.equal(qt.zeros, torch.full_like(qt.zeros, z)):
+            raise ValueError("W8A8 takes a symmetric grid (zeros 2^(bits-1))")
+        if act_granularity not in ACT_GRANULARITIES:
+            raise ValueError(f"act_granularity must be one of {ACT_GRANULARITIES}, got {act_granularity!r}")
         self.out_features, self.in_features = qt.q.shape
-        self.bits, self.a_bits, self.act_granularity = qt.bits, a_bits, act_granularity
-        self.register_buffer("wq", (qt.q.to(torch.int16) - 2 ** (qt.bits - 1)).to(torch.int8))  # |code| ≤ 2^(bits-1)-1
-        self.register_buffer("w_scale", qt.scales[:, 0].float().clone())
+        self.w_bits, self.a_bits, self.act_granularity = qt.bits, a_bits, act_granularity
+        self.register_buffer("wq", (qt.q.to(torch.int16) - int(z)).to(torch.int8))
+        self.register_buffer("w_scale", qt.scales[:, 0].float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.set_backend(backend)
+        self.prepare_()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, w_bits: int = 8, a_bits: int = 8, act_granularity: str = "per_token",
-                    backend: str = "reference") -> W8A8Linear:
+    def from_linear(cls, linear: nn.Linear, w_bits: int = 8, a_bits: int = 8, act_granularity: str = "per_token") -> W8A8Linear:
+        """Symmetric per-channel RTN of an nn.Linear's weight, on this backend."""
         qt = quantize(linear.weight.detach().float(), "int", w_bits, None, symmetric=True)
-        return cls(qt, linear.bias, a_bits, act_granularity, backend)
+        return cls(qt, linear.bias, a_bits, act_granularity)
 
-    def set_backend(self, backend: str) -> None:
-        if backend not in W8A8_BACKENDS:
-            raise ValueError(f"W8A8Linear has the backends {list(W8A8_BACKENDS)}, got {backend!r}")
-        if backend == "int" and (self.a_bits != 8 or self.act_granularity != "per_token"):
-            raise ValueError(f"the int W8A8 kernel quantizes activations to 8 bits per token; this layer quantizes them to "
-                             f"{self.a_bits} bits {self.act_granularity.replace('_', ' ')}: use the reference backend")
-        self.backend = backend
+    @classmethod
+    def from_w8a8(cls, other: W8A8Linear) -> W8A8Linear:
+        """The same layer on this backend (without loss)."""
+        return cls(other.qtensor(), other.bias, other.a_bits, other.act_granularity)
+
+    def prepare_(self) -> None:
+        """Derive this backend's runtime data from the buffers (the reference: nothing)."""
 
     def qtensor(self) -> QTensor:
-        """The weight's representation (exactly the quantizer's output)."""
-        z = 2.0 ** (self.bits - 1)
-        ones = torch.ones_like(self.w_scale)[:, None]
-        return QTensor((self.wq.to(torch.int16) + int(z)).to(torch.uint8), self.w_scale[:, None].clone(), z * ones,
-                       self.in_features, "int", self.bits)
+        """The weight as a QTensor (symmetric per-channel grid)."""
+        z = 2 ** (self.w_bits - 1)
+        q = (self.wq.to(torch.int16) + z).to(torch.uint8)
+        return QTensor(q, self.w_scale[:, None].clone(), torch.full((self.out_features, 1), float(z)), self.in_features,
+                       "int", self.w_bits)
 
     def dequantized_weight(self) -> Tensor:
-        """The float32 weight (out, in) this layer applies: s · (signed code)."""
-        return self.w_scale[:, None] * self.wq.float()
-
-    def _weight_cached(self) -> Tensor:
-        """The dequantized weight, recomputed only when a buffer changed (a runtime cache, not part
-        of the state dict, so sizes count the int8 codes)."""
-        key = (self.wq._version, self.w_scale._version, self.wq.data_ptr(), self.wq.device)
-        if getattr(self, "_cache_key", None) != key:
-            self._cache, self._cache_key = self.dequantized_weight(), key
-        return self._cache
+        """The float32 weight (out, in) W = w_scale · wq."""
+        return self.wq.float() * self.w_scale[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.backend == "int":
-            from ..kernels import w8a8_linear
-
-            return w8a8_linear(x, self.wq, self.w_scale, self.bias).to(x.dtype)
-        if self.act_granularity == "per_token":
-            xq = quantize_activations_per_token(x, self.a_bits)
-        else:  # one dynamic scale for the whole tensor
-            xq = quantize_activations_per_token(x.reshape(1, -1), self.a_bits).reshape(x.shape)
-        return F.linear(xq, self._weight_cached().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        codes, s = quantize_activations(x, self.a_bits, self.act_granularity == "per_token")
+        return F.linear(codes * s, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, w{self.bits}a{self.a_bits} "
-                f"({self.act_granularity.replace('_', ' ')} activations), backend={self.backend}")
+        return (f"in={self.in_features}, out={self.out_features}, w{self.w_bits}a{self.a_bits}, {self.act_granularity}, "
+                f"backend={self.backend}")
 
 
 W8A8_BACKENDS = ("reference", "int")
+
+
+def w8a8_class(backend: str) -> type[W8A8Linear]:
+    """The W8A8Linear subclass of a backend name (the kernels compile on first use)."""
+    if backend == "reference":
+        return W8A8Linear
+    if backend != "int":
+        raise ValueError(f"W8A8 layers run on the backends {list(W8A8_BACKENDS)}, not {backend!r}")
+    from ..kernels.modules import W8A8IntLinear  # the compiled kernels: imported only when asked for
+
+    return W8A8IntLinear
