@@ -145,15 +145,13 @@ def test_finetune_task_trains_only_what_requires_grad():
     assert changed and all(k.startswith("model.layers.2.") for k in changed)
 
 
-def test_the_merging_notebooks_old_names_are_the_same_functions():
-    from shrinklib import arch, calib, tasks, train
-    from shrinklib.merge import finetune
+def test_a_depth_pruned_copy_keeps_the_models_own_first_blocks():
+    from shrinklib import arch, calib
+    from shrinklib.smallllm import depth_pruned
 
-    assert finetune.finetune_task is train.finetune_task and finetune.cache_prefix is calib.cache_prefix
-    assert finetune.answer_metrics is tasks.answer_metrics and finetune.task_batches is tasks.task_batches
     model = make_picollama(0, layers=3)
-    small = finetune.truncate_layers(model, 2)
-    assert len(arch.blocks(small)) == 2 and small.config.num_hidden_layers == 2
+    small = depth_pruned(model, [0, 1])
+    assert len(arch.blocks(small)) == 2 and small.config.num_hidden_layers == 2 and len(arch.blocks(model)) == 3
     ids = random_ids(2, 8)
     with torch.no_grad():  # the first two blocks are the model's own
         torch.testing.assert_close(calib.block_inputs(small, 1, input_ids=ids)[0], calib.block_inputs(model, 1, input_ids=ids)[0])
