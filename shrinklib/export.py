@@ -267,6 +267,9 @@ def encode_tensor(W: Tensor, kind: str, module: nn.Module | None = None, name: s
 
 def check_llama_exportable(model: nn.Module) -> None:
     """Raise ExportError unless the model is a plain Llama decoder GGUF's `llama` arch describes."""
+    from .arch import require
+
+    require(model, "gguf", "GGUF export")
     cfg = model.config
     if getattr(cfg, "model_type", None) != "llama":
         raise ExportError(f"GGUF export supports the Llama architecture; this model is '{cfg.model_type}'. "
@@ -279,14 +282,16 @@ def check_llama_exportable(model: nn.Module) -> None:
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise ExportError(f"rope scaling {rope.get('rope_type')!r} is not written by this exporter; only default RoPE")
-    from .arch import blocks, linear_layers
+    from .arch import blocks, layout, linear_layers
 
     want = None
+    roles = layout(model).roles()
     for i, block in enumerate(blocks(model)):
         shapes = {k: (m.out_features, m.in_features) for k, m in linear_layers(block).items()}
-        if type(block).__name__ != "LlamaDecoderLayer":
-            raise ExportError(f"block {i} is a {type(block).__name__}, not a LlamaDecoderLayer (e.g. SliceGPT's "
-                              "shortcut blocks): save it with that method's own save function")
+        extra = sorted(set(shapes) - set(roles))
+        if type(block).__name__ != "LlamaDecoderLayer" or extra:
+            raise ExportError(f"block {i} is a {type(block).__name__} with linears {extra} that a Llama block does not "
+                              "have (e.g. SliceGPT's shortcuts): save it with that method's own save function")
         if want is None:
             want = shapes
         elif shapes != want:
@@ -458,10 +463,10 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, fmt: str = "
     if fmt not in GGUF_FORMATS:
         raise ExportError(f"unknown GGUF format {fmt!r}; use one of {GGUF_FORMATS}")
     path = Path(path)
+    check_llama_exportable(model)
     check_file_target(path, overwrite, ours=path.is_file() and is_suite_gguf(path), what="GGUF file")
     if check_ids is not None:
         check_token_ids(check_ids, model, what="check_ids")
-    check_llama_exportable(model)
     meta = llama_metadata(model.config, name or path.stem, fmt) | {MARKER_KEY: 1}
     if tokenizer is not None:
         meta |= tokenizer_metadata(tokenizer, model.config.vocab_size)

@@ -28,8 +28,11 @@ def test_gguf_refuses_q4_off_grid(tmp_path):
 
 
 def test_gguf_refuses_other_architectures(tmp_path):
-    with pytest.raises(ExportError, match="Llama architecture"):
+    from shrinklib.arch import UnsupportedArchitectureError
+
+    with pytest.raises(UnsupportedArchitectureError, match="GGUF export is unsupported for opt because"):
         export_gguf(make_picoopt(), tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 @pytest.mark.parametrize("fmt,symmetric,bits,group", [("Q4_1", False, 4, 32), ("Q4_1", False, 3, 64), ("Q4_0", True, 4, 64)])
