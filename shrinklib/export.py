@@ -27,7 +27,11 @@ the next export into that folder (`shrinklib.io`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,7 +51,7 @@ QK = 32  # llama.cpp's block length (inputs per block) for Q4_0, Q4_1 and Q8_0
 # reproduce the logits exactly (tolerance 0, see `ExportReport.exact`); float16 storage (of
 # weights, or of Q4 block constants) rounds each weight by up to 2⁻¹¹ relative; Q8_0 rounds
 # each weight by up to half a step of an 8-bit absmax grid per block of 32.
-TOLERANCE = {"F32": 0.0, "F16": 1e-2, "Q8_0": 5e-2, "Q4_0": 1e-2, "Q4_1": 1e-2, "safetensors": 0.0}
+TOLERANCE = {"F32": 0.0, "F16": 1e-2, "Q8_0": 5e-2, "Q4_0": 1e-2, "Q4_1": 1e-2, "safetensors": 0.0, "compressed-tensors": 0.0}
 
 LLAMA_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}
 MARKER_KEY = "shrinklib.export_version"  # GGUF metadata marking a file as the suite's export (it may be replaced)
@@ -153,6 +157,130 @@ def export_safetensors(model: nn.Module, folder: str | Path, tokenizer=None, pac
             loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         _fill_check(report, model, loaded, check_ids, TOLERANCE["safetensors"])
     return report
+
+
+# ----------------------------------------------------------------------------- compressed-tensors
+
+
+CT_FORMAT = "pack-quantized"  # compressed-tensors' format for integer weights of 1-8 bits (llm-compressor's W4A16/W8A16)
+
+
+def ct_codes(module: nn.Module, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A QuantLinear's grid as compressed-tensors stores it: (weight_packed int32 (out, ceil(in·b/32)),
+    weight_scale float32 (out, groups), weight_zero_point int8 (out, groups) or None for symmetric).
+
+    compressed-tensors dequantizes w = s·(v − zp) with signed codes v in [−2^(b−1), 2^(b−1) − 1] and
+    integer zero points, and packs u = v + 2^(b−1) densely, element i at bit i·b of each row's
+    little-endian int32 stream. Our codes q = v + 2^(b−1) with zero z = zp + 2^(b−1): the same bits.
+    """
+    from .quant.qlinear import pack_codes
+
+    q, scales, zeros = module.unpacked()  # (out, in) uint8, (out, G) float32, (out, G) float32
+    out, d = q.shape
+    g, bits = module.group_size, module.bits
+    if module.fmt != "int":
+        raise ExportError(f"{name}: {module.fmt} is a value table, not an integer grid; compressed-tensors' "
+                          f"{CT_FORMAT} stores integer codes (export as safetensors or GGUF instead)")
+    if d % g:
+        raise ExportError(f"{name}: {d} inputs is not a multiple of the group size {g}; compressed-tensors' "
+                          "group strategy needs whole groups (quantize with a group size dividing every input size)")
+    zp = zeros - 2 ** (bits - 1)
+    if not torch.equal(zp, zp.round()):
+        raise ExportError(f"{name}: its zero points are not integers (an asymmetric min-max grid puts zero between "
+                          "two codes, as llama.cpp's Q4_1 does); compressed-tensors stores integer zero points: "
+                          "quantize with symmetric=True, or export as GGUF Q4_1 or safetensors")
+    stream = pack_codes(q, bits)  # (out, ceil(d·b/8)) bytes: code i at stream bit i·b
+    pad = (-stream.shape[1]) % 4
+    words = torch.cat([stream, stream.new_zeros(out, pad)], 1).contiguous().view(torch.int32)  # little-endian
+    words = words[:, : -(-d * bits // 32)].contiguous()
+    symmetric = bool((zp == 0).all())
+    return words, scales.float().contiguous(), None if symmetric else zp.to(torch.int8).contiguous()
+
+
+def ct_quantization_config(groups: dict[tuple, list[str]]) -> dict:
+    """config.json's `quantization_config` for compressed-tensors: one config group per (bits, group
+    size, symmetric, per-channel) with its modules as exact-name targets; everything else is float."""
+    import compressed_tensors
+
+    config_groups = {}
+    for i, ((bits, g, symmetric, channel), names) in enumerate(sorted(groups.items())):
+        config_groups[f"group_{i}"] = {
+            "targets": [f"re:^{re.escape(n)}$" for n in names], "format": CT_FORMAT,
+            "weights": {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False,
+                        "strategy": "channel" if channel else "group", "group_size": None if channel else g,
+                        "observer": "minmax", "actorder": None},
+            "input_activations": None, "output_activations": None}
+    return {"quant_method": "compressed-tensors", "format": CT_FORMAT, "quantization_status": "compressed",
+            "config_groups": config_groups, "ignore": [], "kv_cache_scheme": None,
+            "version": compressed_tensors.__version__}
+
+
+def export_compressed_tensors(model: nn.Module, folder: str | Path, tokenizer=None, check: bool = True,
+                              check_ids: Tensor | None = None, overwrite: bool = False) -> ExportReport:
+    """Save a model quantized by RTN/GPTQ/AWQ (integer grids, 1-8 bits) as a compressed-tensors checkpoint
+    (the format llm-compressor writes and vLLM serves), atomically, and check it by reloading with
+    `transformers` (which needs the `compressed-tensors` package). Float layers stay float.
+
+    The stored codes and float32 scales dequantize to exactly our weights (w = s·(v − zp), with s
+    float16-exact and v an integer, is one exact float32 product), so the reload must reproduce
+    the logits bit for bit (tolerance 0).
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if check_ids is not None:
+        check_token_ids(check_ids, model, what="check_ids")
+    quant = {n: m for n, m in _quantized_modules(model).items() if hasattr(m, "unpacked")}
+    if not quant:
+        raise ExportError("the model has no quantized linears: quantize it first (RTN, GPTQ or AWQ with "
+                          "symmetric=True), or export it as safetensors")
+    tensors, groups = {}, {}
+    for name, m in quant.items():  # encode everything before touching the disk
+        packed, scales, zp = ct_codes(m, name)
+        tensors |= {f"{name}.weight_packed": packed, f"{name}.weight_scale": scales,
+                    f"{name}.weight_shape": torch.tensor([m.out_features, m.in_features], dtype=torch.int64)}
+        if zp is not None:
+            tensors[f"{name}.weight_zero_point"] = zp
+        if getattr(m, "bias", None) is not None:
+            tensors[f"{name}.bias"] = m.bias.detach().float().contiguous()
+        groups.setdefault((m.bits, m.group_size, zp is None, m.group_size == m.in_features), []).append(name)
+    state = dense_state_dict(model)
+    for name in quant:
+        state.pop(f"{name}.weight")
+        state.pop(f"{name}.bias", None)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and embed is not None and head.weight is embed.weight:
+        state = {k: v for k, v in state.items() if v.data_ptr() != embed.weight.data_ptr() or "embed" in k}
+    tensors |= {k: v.contiguous() for k, v in state.items()}
+    config = model.config.to_dict() | {"quantization_config": ct_quantization_config(groups)}
+    config.pop("slicegpt", None)
+
+    with staged_folder(folder, overwrite, what="export folder", format="compressed-tensors") as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    report = ExportReport("compressed-tensors", str(folder), folder_size_bytes(folder), exact=True)
+    if check:
+        _fill_check(report, model, load_compressed_tensors(folder), check_ids, TOLERANCE["compressed-tensors"])
+    return report
+
+
+def load_compressed_tensors(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A compressed-tensors checkpoint loaded by transformers, the `compressed-tensors` package
+    dequantizing the packed weights as they load (`CompressedTensorsConfig(dequantize=True)`), in eval mode."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from .models import _quiet_loading
+
+    bars = io.StringIO()  # compressed-tensors' own per-step bars (on stderr): a reload needs none
+    with _quiet_loading(), contextlib.redirect_stderr(bars), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")  # dequantize is ours to choose
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype,
+                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- GGUF blocks
@@ -559,11 +687,13 @@ def _fill_check(report: ExportReport, model: nn.Module, loaded: nn.Module, ids: 
 
 
 def export(model: nn.Module, out: str | Path, fmt: str, tokenizer=None, **kw) -> ExportReport:
-    """One entry point: fmt "safetensors", "safetensors-packed", or a GGUF format (file `out`).
+    """One entry point: fmt "safetensors", "safetensors-packed", "compressed-tensors", or a GGUF format (file `out`).
     An existing target is replaced only when it is a previous export of the suite, or with
     `overwrite=True`."""
     if fmt == "safetensors":
         return export_safetensors(model, out, tokenizer, packed=False, **kw)
     if fmt == "safetensors-packed":
         return export_safetensors(model, out, tokenizer, packed=True, **kw)
+    if fmt == "compressed-tensors":
+        return export_compressed_tensors(model, out, tokenizer, **kw)
     return export_gguf(model, out, tokenizer, fmt, **kw)

@@ -381,3 +381,21 @@ def test_unsupported_pairs_are_refused_before_any_work(technique, name):
         run()
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", ARCH_NAMES)
+def test_export_compressed_tensors_reloads_equal(name, tmp_path):
+    """GPTQ 4-bit g16 written as compressed-tensors' pack-quantized and loaded back by transformers
+    (with the compressed-tensors package): its dequantized weights are ours, so the logits are equal."""
+    from shrinklib.export import export_compressed_tensors, linear_weight
+    from shrinklib.quant import GPTQConfig, quantize_
+
+    model = make_tiny(name)
+    quantize_(model, GPTQConfig(4, 16, symmetric=True), CALIB, progress=False)
+    report = export_compressed_tensors(model, tmp_path / "ct", check_ids=IDS)
+    assert report.ok and report.max_abs_logit_diff == 0
+    from shrinklib.export import load_compressed_tensors
+
+    again = load_compressed_tensors(tmp_path / "ct")
+    for (n, ours), theirs in zip(arch.named_linears(model).items(), arch.named_linears(again).values()):
+        assert torch.equal(linear_weight(ours), theirs.weight.float()), n

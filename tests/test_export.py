@@ -1,5 +1,6 @@
 """Export to safetensors and GGUF, each checked by reloading and comparing logits."""
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -248,3 +249,26 @@ def test_the_current_folder_is_never_an_export_target(tmp_path, monkeypatch):
         with pytest.raises(FileExistsError, match="is the current folder or holds it"):
             export_safetensors(make_picollama(), target, overwrite=True)
     assert (tmp_path / "here").is_dir()
+
+
+def test_compressed_tensors_int8_per_channel_and_refusals(tmp_path):
+    from shrinklib.export import export_compressed_tensors
+    from shrinklib.quant import RTNConfig, quantize_
+
+    model = make_picollama()
+    quantize_(model, RTNConfig(bits=8, group_size=None, symmetric=True), progress=False)
+    report = export_compressed_tensors(model, tmp_path / "int8")
+    assert report.ok and report.max_abs_logit_diff == 0
+    cfg = json.loads((tmp_path / "int8" / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and cfg["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
+    asym = make_picollama()
+    quantize_(asym, RTNConfig(bits=4, group_size=16, symmetric=False), progress=False)
+    with pytest.raises(ExportError, match="zero points are not integers"):
+        export_compressed_tensors(asym, tmp_path / "asym")
+    nf4 = make_picollama()
+    quantize_(nf4, RTNConfig(group_size=16, fmt="nf4"), progress=False)
+    with pytest.raises(ExportError, match="value table"):
+        export_compressed_tensors(nf4, tmp_path / "nf4")
+    with pytest.raises(ExportError, match="no quantized linears"):
+        export_compressed_tensors(make_picollama(), tmp_path / "float")
+    assert not any((tmp_path / n).exists() for n in ("asym", "nf4", "float"))
