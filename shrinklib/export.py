@@ -44,7 +44,8 @@ from .evaluate import folder_size_bytes
 from .io import atomic_path, check_file_target, staged_folder
 from .models import drop_gguf_quantizer
 
-GGUF_FORMATS = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
+GGUF_FORMATS = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+K_FORMATS = ("Q4_K", "Q6_K")  # llama.cpp's k-quants, encoded by shrinklib.kquants with an importance matrix
 QK = 32  # llama.cpp's block length (inputs per block) for Q4_0, Q4_1 and Q8_0
 
 # Largest accepted max|Δlogit| / max|logit| after reloading. F32 and grid-exact exports must
@@ -53,7 +54,7 @@ QK = 32  # llama.cpp's block length (inputs per block) for Q4_0, Q4_1 and Q8_0
 # each weight by up to half a step of an 8-bit absmax grid per block of 32.
 TOLERANCE = {"F32": 0.0, "F16": 1e-2, "Q8_0": 5e-2, "Q4_0": 1e-2, "Q4_1": 1e-2, "safetensors": 0.0, "compressed-tensors": 0.0}
 
-LLAMA_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}
+LLAMA_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K": 14, "Q6_K": 18}  # 14: Q4_K_S
 MARKER_KEY = "shrinklib.export_version"  # GGUF metadata marking a file as the suite's export (it may be replaced)
 
 
@@ -76,6 +77,7 @@ class ExportReport:
     ok: bool | None = None  # the reload met the tolerance (None: not checked)
     tokenizer_ok: bool | None = None  # the reloaded tokenizer encodes the test strings identically
     tensor_types: dict = field(default_factory=dict)  # GGUF type -> number of tensors
+    float_rel_logit_diff: float | None = None  # k-quants: max|Δlogit| / max|logit| against the model itself
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -516,11 +518,32 @@ def llama_metadata(config, name: str, fmt: str) -> dict:
 # ----------------------------------------------------------------------------- GGUF export
 
 
-def gguf_tensors(model: nn.Module, fmt: str, embed_type: str | None = None):
+def encode_k(W: Tensor, kind: str, imatrix: Tensor | None = None, name: str = "") -> tuple[np.ndarray, str, bool, Tensor]:
+    """A weight (out, in) as a k-quant (Q4_K, Q6_K; `shrinklib.kquants`): (array, stored kind, lossless,
+    the float32 weight the array decodes to). Rows that are not a multiple of 256 weights fall back
+    to Q8_0, as llama.cpp falls back for them."""
+    from .kquants import QK_K, quantize_k
+
+    W = W.detach().float().cpu()
+    if W.shape[1] % QK_K:
+        raw, stored, lossless = encode_tensor(W, "Q8_0", None, name)
+        from gguf import quants
+
+        return raw, stored, lossless, torch.from_numpy(quants.dequantize(raw, _gguf_type(stored)).reshape(W.shape).copy())
+    raw, back = quantize_k(W, kind, imatrix)
+    return raw, kind, torch.equal(back, W), back
+
+
+def gguf_tensors(model: nn.Module, fmt: str, embed_type: str | None = None, imatrix: dict[str, Tensor] | None = None,
+                 decoded: dict[str, Tensor] | None = None):
     """Yield (gguf name, array, stored kind, lossless) for every tensor of a Llama model in `fmt`.
 
     Norms stay F32; block linears take `fmt`; the token embedding and an untied output take
     `embed_type` (default: F32/F16 as the format, Q8_0 for the quantized formats).
+
+    Args:
+        imatrix: module name -> (in,) importance of each input column, for the k-quants.
+        decoded: filled with module name -> the float32 weight a k-quant tensor decodes to.
     """
     from gguf import MODEL_ARCH, get_tensor_name_map
 
@@ -547,7 +570,19 @@ def gguf_tensors(model: nn.Module, fmt: str, embed_type: str | None = None):
             module = _RowPermuted(module, perm) if mod_name in quant else None
         elif mod_name not in quant:
             module = None
-        arr, stored, lossless = encode_tensor(W, kind, module, key)
+        if kind in K_FORMATS:
+            arr, stored, lossless, back = encode_k(W, kind, (imatrix or {}).get(mod_name), key)
+            if decoded is not None:
+                unperm = torch.argsort(perm) if gname.endswith(("attn_q", "attn_k")) else slice(None)
+                decoded[mod_name] = back[unperm]
+        else:
+            arr, stored, lossless = encode_tensor(W, kind, module, key)
+            if decoded is not None and not lossless and fmt in K_FORMATS:  # e.g. a Q8_0 embedding beside them
+                from gguf import quants
+
+                back = torch.from_numpy(np.asarray(quants.dequantize(arr, _gguf_type(stored)), dtype=np.float32)
+                                        .reshape(W.shape).copy()) if arr.dtype == np.uint8 else torch.from_numpy(arr.astype(np.float32))
+                decoded[mod_name] = back[torch.argsort(perm)] if gname.endswith(("attn_q", "attn_k")) else back
         yield f"{gname}.weight", arr, stored, lossless
 
 
@@ -575,11 +610,16 @@ def is_suite_gguf(path: str | Path) -> bool:
 
 def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, fmt: str = "F16", embed_type: str | None = None,
                 check: bool = True, check_ids: Tensor | None = None, name: str | None = None,
-                overwrite: bool = False) -> ExportReport:
+                overwrite: bool = False, imatrix: dict[str, Tensor] | None = None) -> ExportReport:
     """Write a Llama model to one GGUF file (atomically) and check it by reloading with transformers.
 
     Args:
-        fmt: "F32", "F16", "Q8_0", "Q4_0" or "Q4_1" for the block linears (see the module docstring).
+        fmt: "F32", "F16", "Q8_0", "Q4_0", "Q4_1" for the block linears (see the module docstring),
+            or the k-quants "Q4_K", "Q6_K" (encoded here; rows not a multiple of 256 fall back to
+            Q8_0). A k-quant export is checked against the model with the weights it stores: the
+            reload must reproduce those logits exactly; the difference to the model itself is
+            reported in `float_rel_logit_diff`.
+        imatrix: module name -> (in,) input importance (`shrinklib.kquants.importance_matrix`), for the k-quants.
         tokenizer: a byte-level BPE tokenizer to embed (None: no tokenizer in the file).
         embed_type: storage of the token embedding and untied output (default by format).
         check: reload the file and compare logits with the model (`TOLERANCE`; 0 when exact).
@@ -598,7 +638,8 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, fmt: str = "
     meta = llama_metadata(model.config, name or path.stem, fmt) | {MARKER_KEY: 1}
     if tokenizer is not None:
         meta |= tokenizer_metadata(tokenizer, model.config.vocab_size)
-    tensors = list(gguf_tensors(model, fmt, embed_type))  # encode everything before touching the disk
+    decoded: dict[str, Tensor] = {}
+    tensors = list(gguf_tensors(model, fmt, embed_type, imatrix, decoded))  # encode everything before touching the disk
     with atomic_path(path) as tmp:
         writer = GGUFWriter(str(tmp), "llama")
         for key, value in meta.items():
@@ -616,7 +657,12 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, fmt: str = "
     report = ExportReport(fmt, str(path), path.stat().st_size, exact, tensor_types=types)
     if check:
         loaded = load_gguf(path)
-        _fill_check(report, model, loaded, check_ids, 0.0 if exact else TOLERANCE[fmt])
+        if fmt in K_FORMATS:  # held to the weights it stores, exactly
+            ids = default_check_ids(model) if check_ids is None else check_ids
+            report.float_rel_logit_diff = compare_logits(model, loaded, ids)["rel_logit_diff"]
+            _fill_check(report, with_weights(model, decoded), loaded, check_ids, 0.0)
+        else:
+            _fill_check(report, model, loaded, check_ids, 0.0 if exact else TOLERANCE[fmt])
         if tokenizer is not None:
             report.tokenizer_ok = tokenizers_agree(tokenizer, load_gguf_tokenizer(path))
             report.ok = report.ok and report.tokenizer_ok
@@ -671,6 +717,26 @@ def compare_logits(ref: nn.Module, other: nn.Module, ids: Tensor) -> dict:
     diff = (a - b).abs().max().item()
     return {"max_abs_logit_diff": diff, "rel_logit_diff": diff / max(a.abs().max().item(), 1e-12),
             "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}
+
+
+def with_weights(model: nn.Module, weights: dict[str, Tensor]) -> nn.Module:
+    """A copy of the model whose linears named in `weights` are float nn.Linear with those weights."""
+    import copy
+
+    from .arch import set_module
+
+    ref = copy.deepcopy(model)
+    for name, W in weights.items():
+        old = ref.get_submodule(name)
+        if isinstance(old, nn.Embedding):
+            old.weight.data.copy_(W)
+            continue
+        lin = nn.Linear(W.shape[1], W.shape[0], bias=getattr(old, "bias", None) is not None)
+        lin.weight.data.copy_(W)
+        if lin.bias is not None:
+            lin.bias.data.copy_(old.bias.detach().float())
+        set_module(ref, name, lin)
+    return ref.eval()
 
 
 def default_check_ids(model: nn.Module, n: int = 2, length: int = 32, seed: int = 0) -> Tensor:
