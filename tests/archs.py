@@ -4,7 +4,7 @@ the pinned transformers (hidden 32, 2 layers, vocabulary 128), for the architect
 from __future__ import annotations
 
 import torch
-from transformers import (Gemma2Config, LlamaConfig, MistralConfig, OPTConfig, Phi3Config, Qwen2Config, Qwen3Config,
+from transformers import (GemmaConfig, Gemma2Config, LlamaConfig, MistralConfig, OPTConfig, Phi3Config, Qwen2Config, Qwen3Config,
                           AutoModelForCausalLM)
 
 VOCAB = 128
@@ -17,6 +17,7 @@ CONFIGS = {
     "mistral": lambda: MistralConfig(**COMMON, **GQA, sliding_window=None, tie_word_embeddings=False),
     "qwen2": lambda: Qwen2Config(**COMMON, **GQA, tie_word_embeddings=True),
     "qwen3": lambda: Qwen3Config(**COMMON, **GQA, tie_word_embeddings=True),
+    "gemma": lambda: GemmaConfig(**COMMON, **GQA, tie_word_embeddings=True),
     "gemma2": lambda: Gemma2Config(**COMMON, **GQA, query_pre_attn_scalar=8, sliding_window=8,
                                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, tie_word_embeddings=True),
     "phi3": lambda: Phi3Config(**COMMON, **GQA, tie_word_embeddings=False),

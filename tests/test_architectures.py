@@ -25,6 +25,7 @@ CALIB = tiny_ids(8, 16, seed=1)
 UNSUPPORTED = {
     ("slicegpt", "gemma2"): "post-attention and post-feedforward RMSNorms",
     ("minitron_hidden", "gemma2"): "scaled by √hidden_size",
+    ("minitron_hidden", "gemma"): "scaled by √hidden_size",
     ("minitron_hidden", "opt"): "derives the head width from hidden_size",
     ("moe", "opt"): "MLP is not a module",
     **{("gguf", a): "GGUF 'llama' architecture" for a in ARCH_NAMES if a not in ("llama",)},

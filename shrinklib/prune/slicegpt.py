@@ -143,7 +143,7 @@ def _set_linear_(lin: nn.Linear, W: Tensor, bias: Tensor | None = None) -> None:
 
 
 def _norm(norm: nn.Module, d: int, value: float) -> nn.Module:
-    """The same RMSNorm module at width d, weight filled with `value`."""
+    """The same RMSNorm module at width d, weight filled with `value` (Gemma's x̂·(1 + w): pass the scale − 1)."""
     norm.weight = nn.Parameter(torch.full((d,), value, dtype=norm.weight.dtype, device=norm.weight.device))
     if hasattr(norm, "normalized_shape"):
         norm.normalized_shape = (d,)
@@ -258,13 +258,13 @@ def slicegpt_(model: nn.Module, config: SliceGPTConfig, calib_ids: Tensor, batch
         for lin, Qw in zip(lay.writers(layer), (Q_mid, Q_out)):  # (d', in): rows in the new basis
             _set_linear_(lin, Qw.T @ lin.weight, None if lin.bias is None else lin.bias @ Qw)
         for path in (lay.arch.attn_norm, lay.arch.mlp_norm):
-            _norm(arch.get_path(layer, path), d2, scale)
+            _norm(arch.get_path(layer, path), d2, scale - lay.norm_offset)
         add_shortcuts_(layer, d2, d2, d2, lay)
         layer.attn_shortcut.weight.copy_(Q_mid.T @ Q)  # x̃_in Qᵀ Q_mid, as a Linear (out, in)
         layer.mlp_shortcut.weight.copy_(Q_out.T @ Q_mid)
         hidden = run_block(layer, hidden, kwargs, batch_size)
         Q = Q_out
-    _norm(lay.final_norm(model), d2, scale)
+    _norm(lay.final_norm(model), d2, scale - lay.norm_offset)
     head = model.get_output_embeddings()
     _set_linear_(head, head.weight @ Q)  # (V, d')
     cfg = model.config

@@ -152,7 +152,7 @@ def awq_(model: nn.Module, calib_ids: Tensor, config: AWQConfig, backend: str | 
                 W = lin.weight.float()
                 g = resolve_group_size(config.group_size, W.shape[1])
                 clip = 1.0
-                if config.clip and not path.endswith(("q_proj", "k_proj")):  # AWQ leaves q/k unclipped
+                if config.clip and path not in (lay.arch.q.path, lay.arch.k.path):  # AWQ leaves q/k unclipped
                     clip = awq_search_clip(W, X[role], config.bits, g, config.symmetric)
                 _install(s.block, path, _rtn_int(W, config.bits, g, config.symmetric, clip), backend)
 
