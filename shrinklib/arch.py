@@ -116,7 +116,7 @@ ARCHS = {
                     "convert_hf_to_gguf.py"}),
     "mixtral": Arch("mixtral", gate=None, up=Proj("mlp.experts"), down=Proj("mlp.experts"), unsupported={
         t: "its experts are fused 3-D parameters, not linear layers" for t in
-        ("slicegpt", "llm_pruner", "minitron_width", "minitron_hidden", "moe", "gguf")}),
+        ("slicegpt", "llm_pruner", "minitron_width", "minitron_hidden", "moe", "gguf", "fold")}),
 }
 for _t in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"):
     ARCHS[_t].unsupported.setdefault(

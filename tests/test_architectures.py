@@ -400,3 +400,25 @@ def test_export_compressed_tensors_reloads_equal(name, tmp_path):
     again = load_compressed_tensors(tmp_path / "ct")
     for (n, ours), theirs in zip(arch.named_linears(model).items(), arch.named_linears(again).values()):
         assert torch.equal(linear_weight(ours), theirs.weight.float()), n
+
+
+def test_mixtral_takes_quantization_of_its_linears_and_refuses_the_rest():
+    """Mixtral's experts are fused 3-D parameters: RTN quantizes its linears (attention, router);
+    everything that must reach into the experts says so before any change."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from shrinklib.quant import AWQConfig, RTNConfig, quantize_
+
+    def make():
+        torch.manual_seed(0)
+        return MixtralForCausalLM(MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, num_local_experts=2)).eval()
+
+    model = make()
+    ref = logits(model)
+    quantize_(model, RTNConfig(8, 16), progress=False)
+    assert rel_err(logits(model), ref) < 0.02
+    model = make()
+    with pytest.raises(UnsupportedArchitectureError, match="unsupported for mixtral because its experts are fused"):
+        quantize_(model, AWQConfig(4, 16), CALIB, progress=False)
+    assert torch.equal(logits(model), ref)

@@ -29,7 +29,7 @@ def role_groups(roles: dict[str, str], block: nn.Module) -> dict[str, dict[str, 
 
 def foldable(model: nn.Module) -> dict[str, str]:
     """Role -> path of the preceding operation, for the roles whose input scale can be folded."""
-    lay = layout(model)
+    lay = layout(model).require("fold", "folding a per-channel scale (AWQ, SmoothQuant)")
     if lay.model_type == "opt" and not getattr(model.config, "do_layer_norm_before", True):
         raise ValueError("OPT with post-layer-norm (do_layer_norm_before=False, e.g. OPT-350M) has no norm "
                          "before its linears to fold a scale into")
