@@ -99,3 +99,17 @@ def test_errors():
     assert all(torch.equal(a, b) for a, b in zip(before, gemma.parameters()))  # refused before any change
     with pytest.raises(ValueError, match="slicing"):
         SliceGPTConfig(slicing=1.0)
+
+
+def test_a_copy_of_a_sliced_model_has_its_own_shortcuts():
+    import copy
+
+    model = _with_norm_scales(make_picollama(4))
+    slicegpt_(model, SliceGPTConfig(slicing=0.25), IDS)
+    ref = model(IDS).logits
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(IDS).logits, ref, rtol=0, atol=0)
+    with torch.no_grad():
+        twin.model.layers[0].attn_shortcut.weight.mul_(2)
+    torch.testing.assert_close(model(IDS).logits, ref, rtol=0, atol=0)  # the original's hooks use its own weights
+    assert not torch.allclose(twin(IDS).logits, ref)

@@ -92,11 +92,10 @@ class _Shortcuts:
     def __init__(self, lay: arch.Layout, layer: nn.Module):
         self.layer, self.x, self.mid = layer, None, None
         a = lay.arch
-        self.handles = [
-            layer.register_forward_pre_hook(self.on_block, with_kwargs=True),
-            arch.get_path(layer, a.attn_branch).register_forward_hook(self.on_attn),
-            arch.get_path(layer, a.mlp_norm).register_forward_pre_hook(self.on_mlp_norm),
-            arch.get_path(layer, a.mlp_branch).register_forward_hook(self.on_mlp)]
+        layer.register_forward_pre_hook(self.on_block, with_kwargs=True)
+        arch.get_path(layer, a.attn_branch).register_forward_hook(self.on_attn)
+        arch.get_path(layer, a.mlp_norm).register_forward_pre_hook(self.on_mlp_norm)
+        arch.get_path(layer, a.mlp_branch).register_forward_hook(self.on_mlp)
 
     def on_block(self, module, args, kwargs):
         self.x = args[0] if args else kwargs["hidden_states"]  # (b, L, d') the residual entering the block
@@ -124,14 +123,6 @@ def add_shortcuts_(layer: nn.Module, d_in: int, d_mid: int, d_out: int, lay: arc
         layer.mlp_shortcut = nn.Linear(d_mid, d_out, bias=False, device=w.device, dtype=w.dtype)
         layer._slicegpt_hooks = _Shortcuts(lay, layer)
     return layer
-
-
-def _linear(W: Tensor, like: nn.Linear, bias: Tensor | None = None) -> nn.Linear:
-    new = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None, device=like.weight.device, dtype=like.weight.dtype)
-    new.weight.data.copy_(W)
-    if bias is not None:
-        new.bias.data.copy_(bias)
-    return new
 
 
 def _set_linear_(lin: nn.Linear, W: Tensor, bias: Tensor | None = None) -> None:
