@@ -30,7 +30,7 @@ TINY = dict(
     bench_shapes=[[64, 64]], bench_batches=[1], min_time=0.001, decode_tokens=2, prefill_len=16,
     sparsities=[0.5], patterns=["2:4"], methods=["magnitude", "wanda"], matmul_size=128,
     lora_steps=2, lora_batch=2, lora_len=32, prefill_tokens=32, repeats=1,
-    student_layers=1, steps=2, batch_size=2, top_k=8, width_iterations=1,
+    student_layers=1, steps=2, batch_size=2, width_iterations=1,
     tune_blocks=1, n_train=8, finetune_steps=2, n_eval=4, path_points=3, rm_layers=0, n_reward_models=2,
     n_pref_train=16, n_pref_val=8, n_pref_eval=16, reward_steps=2, reward_batch=8,
     num_experts=2, train_steps=2, train_seq=32, train_batch=2,
@@ -48,7 +48,25 @@ PER_NOTEBOOK = {
 }
 
 # notebook -> what it still needs to run on another model (strict xfail: remove the entry once it runs)
-PENDING: dict[str, str] = {}
+NO_SWITCH = "no assert_claims parameter, so a claim that does not hold on a random model stops the run"
+NO_TOLERANCES = "its results file declares no tolerances, which Results.save now requires"
+PENDING: dict[str, str] = {
+    "00_baseline": f"{NO_SWITCH}; {NO_TOLERANCES}",
+    "01_quantization_basics": f"{NO_SWITCH}: 'the embedded weights hold at most 16 distinct values per block of 32' is "
+                              "asserted of any model (a fact of the embedded Q4_1 GGUF only)",
+    "02_post_training_quantization": f"{NO_SWITCH}; {NO_TOLERANCES}",
+    "03_low_bit_kernels": f"{NO_SWITCH}; the kernel-check cell asks rtn_codes for 1-bit codes, which quantize refuses "
+                          "(it fails on the default run too)",
+    "04_unstructured_pruning": f"{NO_SWITCH} (Wanda < half magnitude's perplexity)",
+    "05_structured_pruning": f"{NO_SWITCH}; {NO_TOLERANCES}",
+    "06_knowledge_distillation": f"{NO_SWITCH} (KD beats hard labels)",
+    "07_minitron_prune_and_distill": f"{NO_SWITCH} (prune+distill beats random init)",
+    "08_model_merging": f"{NO_SWITCH} (WARM memorizes fewer corrupted labels)",
+    "09_mixture_of_experts": f"{NO_SWITCH}",
+    "10_small_llms": f"{NO_SWITCH}; {NO_TOLERANCES}",
+    "11_proxy_tuning": f"{NO_SWITCH} (proxy tuning raises accuracy)",
+    "12_compression_frontier": f"{NO_SWITCH}; {NO_TOLERANCES}",
+}
 
 TIMEOUT = 600  # seconds per notebook at this scale (a default-scale run is refused well before)
 
