@@ -550,14 +550,16 @@ def _input_sizes(model: nn.Module) -> dict[str, set[int]]:
 
 def _after_width(sizes: dict[str, set[int]], config, c: MinitronWidthConfig) -> dict[str, set[int]]:
     """The input sizes after Minitron width pruning keeps c.hidden / c.intermediate / c.heads_per_group."""
+    from .arch import head_dim, kv_heads
+
     sizes = dict(sizes)
-    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    hd = head_dim(config)
     if c.hidden is not None:
         sizes["attn_in"] = sizes["mlp_in"] = {min(c.hidden, v) for v in sizes["attn_in"]}
     if c.intermediate is not None:
         sizes["mlp_out"] = {min(c.intermediate, v) for v in sizes["mlp_out"]}
     if c.heads_per_group is not None:
-        sizes["attn_out"] = {min(config.num_key_value_heads * c.heads_per_group * hd, v) for v in sizes["attn_out"]}
+        sizes["attn_out"] = {min(kv_heads(config) * c.heads_per_group * hd, v) for v in sizes["attn_out"]}
     return sizes
 
 
