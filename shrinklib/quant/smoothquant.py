@@ -24,6 +24,7 @@ class W8A8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, w_bits: int = 8, a_bits: int = 8, act_granularity: str = "per_token"):
         super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.a_bits, self.act_granularity = a_bits, act_granularity
         self.weight = nn.Parameter(quantize_rtn(linear.weight.data.float(), w_bits, None, symmetric=True).to(linear.weight.dtype),
                                    requires_grad=False)
