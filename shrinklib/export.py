@@ -440,7 +440,7 @@ def _pre_tokenizer_name(tok_json: dict) -> str:
         for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items():
             if json.dumps(regex)[1:-1] in pre:
                 return name
-    return "gpt2"
+    return "gpt-2"  # llama.cpp's name for GPT-2's own split (it refuses "gpt2")
 
 
 def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
