@@ -361,10 +361,10 @@ def check_model(recipe: Recipe, model: nn.Module) -> None:
     """Checks that need the model (its config and shapes; a model on the meta device will do),
     before any step runs: architecture, already quantized, each step's own model check (layer
     counts, N:M and Q4 block sizes after width pruning), sequence lengths within its context."""
+    from .arch import require
     from .checks import check_not_quantized, context_length
     from .recipe import STEPS
 
-    model_type = getattr(model.config, "model_type", "?")
     context = context_length(model)
     for where, length in window_lengths(recipe):
         if context is not None and length > context:
@@ -373,9 +373,9 @@ def check_model(recipe: Recipe, model: nn.Module) -> None:
     facts = ModelFacts(model)
     for i, (name, p) in enumerate(recipe.steps, 1):
         where, step = f"step {i} '{name}'", STEPS[name]
-        if step.llama_only and model_type != "llama":
-            raise RecipeError(f"{where} needs a Llama-architecture model; this one is '{model_type}'")
         try:
+            for technique in step.needs(p):  # "<step> is unsupported for <arch> because <reason>"
+                require(model, technique, name)
             if step.kind == "quantize":
                 check_not_quantized(model, where)
             step.check_model(p, facts)
