@@ -590,4 +590,3 @@ def param_count(config, model_type: str | None = None, hidden: float | None = No
         tied = getattr(config, "tie_word_embeddings", False) if tied is None else tied
         total += V * d + pos * d + (0 if tied else V * d)
     return total
-
