@@ -27,7 +27,11 @@ the next export into that folder (`shrinklib.io`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,16 +44,17 @@ from .evaluate import folder_size_bytes
 from .io import atomic_path, check_file_target, staged_folder
 from .models import drop_gguf_quantizer
 
-GGUF_FORMATS = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
+GGUF_FORMATS = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+K_FORMATS = ("Q4_K", "Q6_K")  # llama.cpp's k-quants, encoded by shrinklib.kquants with an importance matrix
 QK = 32  # llama.cpp's block length (inputs per block) for Q4_0, Q4_1 and Q8_0
 
 # Largest accepted max|Δlogit| / max|logit| after reloading. F32 and grid-exact exports must
 # reproduce the logits exactly (tolerance 0, see `ExportReport.exact`); float16 storage (of
 # weights, or of Q4 block constants) rounds each weight by up to 2⁻¹¹ relative; Q8_0 rounds
 # each weight by up to half a step of an 8-bit absmax grid per block of 32.
-TOLERANCE = {"F32": 0.0, "F16": 1e-2, "Q8_0": 5e-2, "Q4_0": 1e-2, "Q4_1": 1e-2, "safetensors": 0.0}
+TOLERANCE = {"F32": 0.0, "F16": 1e-2, "Q8_0": 5e-2, "Q4_0": 1e-2, "Q4_1": 1e-2, "safetensors": 0.0, "compressed-tensors": 0.0}
 
-LLAMA_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}
+LLAMA_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K": 14, "Q6_K": 18}  # 14: Q4_K_S
 MARKER_KEY = "shrinklib.export_version"  # GGUF metadata marking a file as the suite's export (it may be replaced)
 
 
@@ -72,6 +77,7 @@ class ExportReport:
     ok: bool | None = None  # the reload met the tolerance (None: not checked)
     tokenizer_ok: bool | None = None  # the reloaded tokenizer encodes the test strings identically
     tensor_types: dict = field(default_factory=dict)  # GGUF type -> number of tensors
+    float_rel_logit_diff: float | None = None  # k-quants: max|Δlogit| / max|logit| against the model itself
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -153,6 +159,130 @@ def export_safetensors(model: nn.Module, folder: str | Path, tokenizer=None, pac
             loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         _fill_check(report, model, loaded, check_ids, TOLERANCE["safetensors"])
     return report
+
+
+# ----------------------------------------------------------------------------- compressed-tensors
+
+
+CT_FORMAT = "pack-quantized"  # compressed-tensors' format for integer weights of 1-8 bits (llm-compressor's W4A16/W8A16)
+
+
+def ct_codes(module: nn.Module, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A QuantLinear's grid as compressed-tensors stores it: (weight_packed int32 (out, ceil(in·b/32)),
+    weight_scale float32 (out, groups), weight_zero_point int8 (out, groups) or None for symmetric).
+
+    compressed-tensors dequantizes w = s·(v − zp) with signed codes v in [−2^(b−1), 2^(b−1) − 1] and
+    integer zero points, and packs u = v + 2^(b−1) densely, element i at bit i·b of each row's
+    little-endian int32 stream. Our codes q = v + 2^(b−1) with zero z = zp + 2^(b−1): the same bits.
+    """
+    from .quant.qlinear import pack_codes
+
+    q, scales, zeros = module.unpacked()  # (out, in) uint8, (out, G) float32, (out, G) float32
+    out, d = q.shape
+    g, bits = module.group_size, module.bits
+    if module.fmt != "int":
+        raise ExportError(f"{name}: {module.fmt} is a value table, not an integer grid; compressed-tensors' "
+                          f"{CT_FORMAT} stores integer codes (export as safetensors or GGUF instead)")
+    if d % g:
+        raise ExportError(f"{name}: {d} inputs is not a multiple of the group size {g}; compressed-tensors' "
+                          "group strategy needs whole groups (quantize with a group size dividing every input size)")
+    zp = zeros - 2 ** (bits - 1)
+    if not torch.equal(zp, zp.round()):
+        raise ExportError(f"{name}: its zero points are not integers (an asymmetric min-max grid puts zero between "
+                          "two codes, as llama.cpp's Q4_1 does); compressed-tensors stores integer zero points: "
+                          "quantize with symmetric=True, or export as GGUF Q4_1 or safetensors")
+    stream = pack_codes(q, bits)  # (out, ceil(d·b/8)) bytes: code i at stream bit i·b
+    pad = (-stream.shape[1]) % 4
+    words = torch.cat([stream, stream.new_zeros(out, pad)], 1).contiguous().view(torch.int32)  # little-endian
+    words = words[:, : -(-d * bits // 32)].contiguous()
+    symmetric = bool((zp == 0).all())
+    return words, scales.float().contiguous(), None if symmetric else zp.to(torch.int8).contiguous()
+
+
+def ct_quantization_config(groups: dict[tuple, list[str]]) -> dict:
+    """config.json's `quantization_config` for compressed-tensors: one config group per (bits, group
+    size, symmetric, per-channel) with its modules as exact-name targets; everything else is float."""
+    import compressed_tensors
+
+    config_groups = {}
+    for i, ((bits, g, symmetric, channel), names) in enumerate(sorted(groups.items())):
+        config_groups[f"group_{i}"] = {
+            "targets": [f"re:^{re.escape(n)}$" for n in names], "format": CT_FORMAT,
+            "weights": {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False,
+                        "strategy": "channel" if channel else "group", "group_size": None if channel else g,
+                        "observer": "minmax", "actorder": None},
+            "input_activations": None, "output_activations": None}
+    return {"quant_method": "compressed-tensors", "format": CT_FORMAT, "quantization_status": "compressed",
+            "config_groups": config_groups, "ignore": [], "kv_cache_scheme": None,
+            "version": compressed_tensors.__version__}
+
+
+def export_compressed_tensors(model: nn.Module, folder: str | Path, tokenizer=None, check: bool = True,
+                              check_ids: Tensor | None = None, overwrite: bool = False) -> ExportReport:
+    """Save a model quantized by RTN/GPTQ/AWQ (integer grids, 1-8 bits) as a compressed-tensors checkpoint
+    (the format llm-compressor writes and vLLM serves), atomically, and check it by reloading with
+    `transformers` (which needs the `compressed-tensors` package). Float layers stay float.
+
+    The stored codes and float32 scales dequantize to exactly our weights (w = s·(v − zp), with s
+    float16-exact and v an integer, is one exact float32 product), so the reload must reproduce
+    the logits bit for bit (tolerance 0).
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if check_ids is not None:
+        check_token_ids(check_ids, model, what="check_ids")
+    quant = {n: m for n, m in _quantized_modules(model).items() if hasattr(m, "unpacked")}
+    if not quant:
+        raise ExportError("the model has no quantized linears: quantize it first (RTN, GPTQ or AWQ with "
+                          "symmetric=True), or export it as safetensors")
+    tensors, groups = {}, {}
+    for name, m in quant.items():  # encode everything before touching the disk
+        packed, scales, zp = ct_codes(m, name)
+        tensors |= {f"{name}.weight_packed": packed, f"{name}.weight_scale": scales,
+                    f"{name}.weight_shape": torch.tensor([m.out_features, m.in_features], dtype=torch.int64)}
+        if zp is not None:
+            tensors[f"{name}.weight_zero_point"] = zp
+        if getattr(m, "bias", None) is not None:
+            tensors[f"{name}.bias"] = m.bias.detach().float().contiguous()
+        groups.setdefault((m.bits, m.group_size, zp is None, m.group_size == m.in_features), []).append(name)
+    state = dense_state_dict(model)
+    for name in quant:
+        state.pop(f"{name}.weight")
+        state.pop(f"{name}.bias", None)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and embed is not None and head.weight is embed.weight:
+        state = {k: v for k, v in state.items() if v.data_ptr() != embed.weight.data_ptr() or "embed" in k}
+    tensors |= {k: v.contiguous() for k, v in state.items()}
+    config = model.config.to_dict() | {"quantization_config": ct_quantization_config(groups)}
+    config.pop("slicegpt", None)
+
+    with staged_folder(folder, overwrite, what="export folder", format="compressed-tensors") as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    report = ExportReport("compressed-tensors", str(folder), folder_size_bytes(folder), exact=True)
+    if check:
+        _fill_check(report, model, load_compressed_tensors(folder), check_ids, TOLERANCE["compressed-tensors"])
+    return report
+
+
+def load_compressed_tensors(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A compressed-tensors checkpoint loaded by transformers, the `compressed-tensors` package
+    dequantizing the packed weights as they load (`CompressedTensorsConfig(dequantize=True)`), in eval mode."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from .models import _quiet_loading
+
+    bars = io.StringIO()  # compressed-tensors' own per-step bars (on stderr): a reload needs none
+    with _quiet_loading(), contextlib.redirect_stderr(bars), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")  # dequantize is ours to choose
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype,
+                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- GGUF blocks
@@ -267,6 +397,9 @@ def encode_tensor(W: Tensor, kind: str, module: nn.Module | None = None, name: s
 
 def check_llama_exportable(model: nn.Module) -> None:
     """Raise ExportError unless the model is a plain Llama decoder GGUF's `llama` arch describes."""
+    from .arch import require
+
+    require(model, "gguf", "GGUF export")
     cfg = model.config
     if getattr(cfg, "model_type", None) != "llama":
         raise ExportError(f"GGUF export supports the Llama architecture; this model is '{cfg.model_type}'. "
@@ -279,14 +412,16 @@ def check_llama_exportable(model: nn.Module) -> None:
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise ExportError(f"rope scaling {rope.get('rope_type')!r} is not written by this exporter; only default RoPE")
-    from .arch import blocks, linear_layers
+    from .arch import blocks, layout, linear_layers
 
     want = None
+    roles = layout(model).roles()
     for i, block in enumerate(blocks(model)):
         shapes = {k: (m.out_features, m.in_features) for k, m in linear_layers(block).items()}
-        if type(block).__name__ != "LlamaDecoderLayer":
-            raise ExportError(f"block {i} is a {type(block).__name__}, not a LlamaDecoderLayer (e.g. SliceGPT's "
-                              "shortcut blocks): save it with that method's own save function")
+        extra = sorted(set(shapes) - set(roles))
+        if type(block).__name__ != "LlamaDecoderLayer" or extra:
+            raise ExportError(f"block {i} is a {type(block).__name__} with linears {extra} that a Llama block does not "
+                              "have (e.g. SliceGPT's shortcuts): save it with that method's own save function")
         if want is None:
             want = shapes
         elif shapes != want:
@@ -305,7 +440,7 @@ def _pre_tokenizer_name(tok_json: dict) -> str:
         for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items():
             if json.dumps(regex)[1:-1] in pre:
                 return name
-    return "gpt2"
+    return "gpt-2"  # llama.cpp's name for GPT-2's own split (it refuses "gpt2")
 
 
 def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
@@ -383,11 +518,32 @@ def llama_metadata(config, name: str, fmt: str) -> dict:
 # ----------------------------------------------------------------------------- GGUF export
 
 
-def gguf_tensors(model: nn.Module, fmt: str, embed_type: str | None = None):
+def encode_k(W: Tensor, kind: str, imatrix: Tensor | None = None, name: str = "") -> tuple[np.ndarray, str, bool, Tensor]:
+    """A weight (out, in) as a k-quant (Q4_K, Q6_K; `shrinklib.kquants`): (array, stored kind, lossless,
+    the float32 weight the array decodes to). Rows that are not a multiple of 256 weights fall back
+    to Q8_0, as llama.cpp falls back for them."""
+    from .kquants import QK_K, quantize_k
+
+    W = W.detach().float().cpu()
+    if W.shape[1] % QK_K:
+        raw, stored, lossless = encode_tensor(W, "Q8_0", None, name)
+        from gguf import quants
+
+        return raw, stored, lossless, torch.from_numpy(quants.dequantize(raw, _gguf_type(stored)).reshape(W.shape).copy())
+    raw, back = quantize_k(W, kind, imatrix)
+    return raw, kind, torch.equal(back, W), back
+
+
+def gguf_tensors(model: nn.Module, fmt: str, embed_type: str | None = None, imatrix: dict[str, Tensor] | None = None,
+                 decoded: dict[str, Tensor] | None = None):
     """Yield (gguf name, array, stored kind, lossless) for every tensor of a Llama model in `fmt`.
 
     Norms stay F32; block linears take `fmt`; the token embedding and an untied output take
     `embed_type` (default: F32/F16 as the format, Q8_0 for the quantized formats).
+
+    Args:
+        imatrix: module name -> (in,) importance of each input column, for the k-quants.
+        decoded: filled with module name -> the float32 weight a k-quant tensor decodes to.
     """
     from gguf import MODEL_ARCH, get_tensor_name_map
 
@@ -414,7 +570,19 @@ def gguf_tensors(model: nn.Module, fmt: str, embed_type: str | None = None):
             module = _RowPermuted(module, perm) if mod_name in quant else None
         elif mod_name not in quant:
             module = None
-        arr, stored, lossless = encode_tensor(W, kind, module, key)
+        if kind in K_FORMATS:
+            arr, stored, lossless, back = encode_k(W, kind, (imatrix or {}).get(mod_name), key)
+            if decoded is not None:
+                unperm = torch.argsort(perm) if gname.endswith(("attn_q", "attn_k")) else slice(None)
+                decoded[mod_name] = back[unperm]
+        else:
+            arr, stored, lossless = encode_tensor(W, kind, module, key)
+            if decoded is not None and not lossless and fmt in K_FORMATS:  # e.g. a Q8_0 embedding beside them
+                from gguf import quants
+
+                back = torch.from_numpy(np.asarray(quants.dequantize(arr, _gguf_type(stored)), dtype=np.float32)
+                                        .reshape(W.shape).copy()) if arr.dtype == np.uint8 else torch.from_numpy(arr.astype(np.float32))
+                decoded[mod_name] = back[torch.argsort(perm)] if gname.endswith(("attn_q", "attn_k")) else back
         yield f"{gname}.weight", arr, stored, lossless
 
 
@@ -450,11 +618,16 @@ def check_gguf_options(fmt: str, embed_type: str | None = None) -> None:
 
 def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, fmt: str = "F16", embed_type: str | None = None,
                 check: bool = True, check_ids: Tensor | None = None, name: str | None = None,
-                overwrite: bool = False) -> ExportReport:
+                overwrite: bool = False, imatrix: dict[str, Tensor] | None = None) -> ExportReport:
     """Write a Llama model to one GGUF file (atomically) and check it by reloading with transformers.
 
     Args:
-        fmt: "F32", "F16", "Q8_0", "Q4_0" or "Q4_1" for the block linears (see the module docstring).
+        fmt: "F32", "F16", "Q8_0", "Q4_0", "Q4_1" for the block linears (see the module docstring),
+            or the k-quants "Q4_K", "Q6_K" (encoded here; rows not a multiple of 256 fall back to
+            Q8_0). A k-quant export is checked against the model with the weights it stores: the
+            reload must reproduce those logits exactly; the difference to the model itself is
+            reported in `float_rel_logit_diff`.
+        imatrix: module name -> (in,) input importance (`shrinklib.kquants.importance_matrix`), for the k-quants.
         tokenizer: a byte-level BPE tokenizer to embed (None: no tokenizer in the file).
         embed_type: storage of the token embedding and untied output (default by format).
         check: reload the file and compare logits with the model (`TOLERANCE`; 0 when exact).
@@ -465,14 +638,15 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, fmt: str = "
 
     check_gguf_options(fmt, embed_type)
     path = Path(path)
+    check_llama_exportable(model)
     check_file_target(path, overwrite, ours=path.is_file() and is_suite_gguf(path), what="GGUF file")
     if check_ids is not None:
         check_token_ids(check_ids, model, what="check_ids")
-    check_llama_exportable(model)
     meta = llama_metadata(model.config, name or path.stem, fmt) | {MARKER_KEY: 1}
     if tokenizer is not None:
         meta |= tokenizer_metadata(tokenizer, model.config.vocab_size)
-    tensors = list(gguf_tensors(model, fmt, embed_type))  # encode everything before touching the disk
+    decoded: dict[str, Tensor] = {}
+    tensors = list(gguf_tensors(model, fmt, embed_type, imatrix, decoded))  # encode everything before touching the disk
     with atomic_path(path) as tmp:
         writer = GGUFWriter(str(tmp), "llama")
         for key, value in meta.items():
@@ -490,7 +664,12 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, fmt: str = "
     report = ExportReport(fmt, str(path), path.stat().st_size, exact, tensor_types=types)
     if check:
         loaded = load_gguf(path)
-        _fill_check(report, model, loaded, check_ids, 0.0 if exact else TOLERANCE[fmt])
+        if fmt in K_FORMATS:  # held to the weights it stores, exactly
+            ids = default_check_ids(model) if check_ids is None else check_ids
+            report.float_rel_logit_diff = compare_logits(model, loaded, ids)["rel_logit_diff"]
+            _fill_check(report, with_weights(model, decoded), loaded, check_ids, 0.0)
+        else:
+            _fill_check(report, model, loaded, check_ids, 0.0 if exact else TOLERANCE[fmt])
         if tokenizer is not None:
             report.tokenizer_ok = tokenizers_agree(tokenizer, load_gguf_tokenizer(path))
             report.ok = report.ok and report.tokenizer_ok
@@ -547,6 +726,26 @@ def compare_logits(ref: nn.Module, other: nn.Module, ids: Tensor) -> dict:
             "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}
 
 
+def with_weights(model: nn.Module, weights: dict[str, Tensor]) -> nn.Module:
+    """A copy of the model whose linears named in `weights` are float nn.Linear with those weights."""
+    import copy
+
+    from .arch import set_module
+
+    ref = copy.deepcopy(model)
+    for name, W in weights.items():
+        old = ref.get_submodule(name)
+        if isinstance(old, nn.Embedding):
+            old.weight.data.copy_(W)
+            continue
+        lin = nn.Linear(W.shape[1], W.shape[0], bias=getattr(old, "bias", None) is not None)
+        lin.weight.data.copy_(W)
+        if lin.bias is not None:
+            lin.bias.data.copy_(old.bias.detach().float())
+        set_module(ref, name, lin)
+    return ref.eval()
+
+
 def default_check_ids(model: nn.Module, n: int = 2, length: int = 32, seed: int = 0) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.config.vocab_size, (n, length), generator=g)
@@ -561,11 +760,13 @@ def _fill_check(report: ExportReport, model: nn.Module, loaded: nn.Module, ids: 
 
 
 def export(model: nn.Module, out: str | Path, fmt: str, tokenizer=None, **kw) -> ExportReport:
-    """One entry point: fmt "safetensors", "safetensors-packed", or a GGUF format (file `out`).
+    """One entry point: fmt "safetensors", "safetensors-packed", "compressed-tensors", or a GGUF format (file `out`).
     An existing target is replaced only when it is a previous export of the suite, or with
     `overwrite=True`."""
     if fmt == "safetensors":
         return export_safetensors(model, out, tokenizer, packed=False, **kw)
     if fmt == "safetensors-packed":
         return export_safetensors(model, out, tokenizer, packed=True, **kw)
+    if fmt == "compressed-tensors":
+        return export_compressed_tensors(model, out, tokenizer, **kw)
     return export_gguf(model, out, tokenizer, fmt, **kw)

@@ -11,14 +11,13 @@ small calibration batch:
                        Importance 1 − cos(x_in, x_out) (Sec. 2.2 and ShortGPT)
 Width pruning keeps the most important neurons, heads and channels and slices the weights;
 depth pruning removes whole layers. Both give an ordinary, smaller `transformers` model.
-Llama-architecture (GQA included) only: other layouts raise UnsupportedArchitectureError.
+Any architecture of `shrinklib.arch` (GQA included); where one cannot take a step (e.g. embedding
+channels of Gemma's scaled, tied embedding) it raises UnsupportedArchitectureError before any work.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .arch import Layout, UnsupportedArchitectureError, layout
+from . import arch
+from .arch import Layout, get_path
 from .checks import check_fields
 from .io import staged_folder
 
@@ -69,31 +69,18 @@ class MinitronWidthConfig:
                 raise ValueError(f"{k} must be ≥ 1, got {getattr(self, k)}")
 
 
-def require_llama(model: nn.Module) -> Layout:
-    """The model's layout if it is a Llama-architecture decoder, else a clear error."""
-    lay = layout(model)
-    if lay.model_type != "llama":
-        raise UnsupportedArchitectureError(
-            f"Minitron pruning in shrinklib slices Llama-architecture weights (q/k/v/o_proj, gate/up/down_proj, "
-            f"RMSNorm, GQA); this model is '{lay.model_type}'. Use a Llama-family model (SmolLM2, TinyLlama, Llama-3)."
-        )
-    return lay
+def require_minitron(model: nn.Module, what: str = "Minitron pruning") -> Layout:
+    """The model's layout if Minitron's width pruning can slice it, else a clear error before any work."""
+    return arch.require(model, "minitron_width", what)
 
 
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def llama_block_params(hidden: float, intermediate: float, heads: int, kv_heads: int, head_size: int) -> float:
-    """Parameters of one Llama block: q, o (hidden × heads·head_size), k, v (hidden × kv·head_size), gate/up/down, 2 norms."""
-    return 2 * hidden * heads * head_size + 2 * hidden * kv_heads * head_size + 3 * hidden * intermediate + 2 * hidden
+head_dim = arch.head_dim
 
 
 def non_embedding_params(config) -> int:
-    """Parameters of the decoder blocks and final norm of a Llama config (embeddings and lm_head excluded)."""
-    block = llama_block_params(config.hidden_size, config.intermediate_size, config.num_attention_heads,
-                               config.num_key_value_heads, head_dim(config))
-    return int(config.num_hidden_layers * block + config.hidden_size)
+    """Parameters of the decoder blocks and final norm (embeddings and lm_head excluded), by the
+    architecture's analytic formula (`shrinklib.arch.param_count`)."""
+    return int(arch.param_count(config, embeddings=False))
 
 
 @dataclass
@@ -109,11 +96,11 @@ class Importance:
 @torch.no_grad()
 def activation_importance(model: nn.Module, input_ids: Tensor, batch_size: int = 8) -> Importance:
     """Head, neuron and embedding-channel importance from one forward pass over (n, L) calibration ids."""
-    lay = require_llama(model)
+    lay = require_minitron(model, "Minitron importance")
     blocks, cfg = lay.blocks(model), model.config
     n, hd = len(blocks), head_dim(cfg)
     heads = torch.zeros(n, cfg.num_attention_heads)
-    neurons = torch.zeros(n, cfg.intermediate_size)
+    neurons = torch.zeros(n, lay.mlp_width(cfg))
     channels = torch.zeros(cfg.hidden_size)
     handles = []
 
@@ -133,9 +120,10 @@ def activation_importance(model: nn.Module, input_ids: Tensor, batch_size: int =
         channels.add_(out.float().abs().reshape(-1, out.shape[-1]).sum(0).cpu())  # Σ_t |RMSNorm(X)_c|
         return None
 
+    a = lay.arch
     for i, b in enumerate(blocks):
-        handles += [b.self_attn.o_proj.register_forward_hook(on_o_proj(i)), b.mlp.down_proj.register_forward_hook(on_down(i)),
-                    b.input_layernorm.register_forward_hook(on_norm), b.post_attention_layernorm.register_forward_hook(on_norm)]
+        handles += [get_path(b, a.o.path).register_forward_hook(on_o_proj(i)), get_path(b, a.down.path).register_forward_hook(on_down(i)),
+                    get_path(b, a.attn_norm).register_forward_hook(on_norm), get_path(b, a.mlp_norm).register_forward_hook(on_norm)]
     device = next(model.parameters()).device
     try:
         for start in range(0, input_ids.shape[0], batch_size):
@@ -147,24 +135,9 @@ def activation_importance(model: nn.Module, input_ids: Tensor, batch_size: int =
     return Importance(heads / tokens, neurons / tokens, channels / (tokens * 2 * n), tokens)
 
 
-@contextmanager
-def without_layers(model: nn.Module, drop: list[int]) -> Iterator[nn.Module]:
-    """Temporarily run `model` with the blocks in `drop` skipped."""
-    lay = require_llama(model)
-    parent, name = _parent(model, lay.blocks_path)
-    full = getattr(parent, name)
-    setattr(parent, name, nn.ModuleList([b for i, b in enumerate(full) if i not in set(drop)]))
-    try:
-        yield model
-    finally:
-        setattr(parent, name, full)
-
-
-def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent_path, _, name = path.rpartition(".")
-    from .arch import get_path
-
-    return (get_path(model, parent_path) if parent_path else model), name
+def without_layers(model: nn.Module, drop: list[int]):
+    """Temporarily run `model` with the blocks in `drop` skipped (a context manager)."""
+    return arch.without_blocks(model, drop)
 
 
 @torch.no_grad()
@@ -183,8 +156,7 @@ def lm_loss(model: nn.Module, input_ids: Tensor, batch_size: int = 8) -> float:
 def layer_importance(model: nn.Module, input_ids: Tensor, metric: str = "ppl", batch_size: int = 8) -> Tensor:
     """Importance of each layer, (layers,): "ppl" = LM-loss increase when it alone is dropped
     (Minitron Fig. 8), "cosine" = Block Importance 1 − mean cos(x_in, x_out) (one forward pass)."""
-    lay = require_llama(model)
-    blocks = lay.blocks(model)
+    blocks = arch.blocks(model)
     if metric == "ppl":
         base = lm_loss(model, input_ids, batch_size)
         scores = []
@@ -212,19 +184,6 @@ def layer_importance(model: nn.Module, input_ids: Tensor, metric: str = "ppl", b
     return 1 - sims / input_ids.numel()
 
 
-def _slice_linear(lin: nn.Linear, rows: Tensor | None = None, cols: Tensor | None = None) -> None:
-    """Keep the given output rows and input columns of a linear layer, in place."""
-    W = lin.weight.data  # (out, in)
-    if rows is not None:
-        W = W[rows]
-        if lin.bias is not None:
-            lin.bias = nn.Parameter(lin.bias.data[rows].clone())
-    if cols is not None:
-        W = W[:, cols]
-    lin.weight = nn.Parameter(W.contiguous().clone())
-    lin.out_features, lin.in_features = W.shape
-
-
 def _keep_top(scores: Tensor, k: int) -> Tensor:
     """Indices of the k largest scores, in their original order. (n,) -> (k,)."""
     return scores.topk(k).indices.sort().values
@@ -236,78 +195,37 @@ def prune_width_(model: nn.Module, imp: Importance, hidden: int | None = None, i
     """Keep the `intermediate` most important MLP neurons of every layer, the `heads_per_group`
     most important query heads of every KV group, and the `hidden` most important embedding
     channels; slice the weights and update the config. In place; returns the model."""
-    lay = require_llama(model)
+    lay = require_minitron(model)
+    if hidden is not None and hidden < model.config.hidden_size:
+        lay.require("minitron_hidden", "pruning embedding channels")
     cfg, blocks = model.config, lay.blocks(model)
-    hd, kv = head_dim(cfg), cfg.num_key_value_heads
+    kv = arch.kv_heads(cfg)
     group = cfg.num_attention_heads // kv
-    for i, b in enumerate(blocks):
-        if intermediate is not None and intermediate < cfg.intermediate_size:
-            keep = _keep_top(imp.neurons[i], intermediate)
-            _slice_linear(b.mlp.gate_proj, rows=keep)
-            _slice_linear(b.mlp.up_proj, rows=keep)
-            _slice_linear(b.mlp.down_proj, cols=keep)
-        if heads_per_group is not None and heads_per_group < group:
-            per_group = imp.heads[i].view(kv, group)  # (kv, group): query heads share their KV head
-            keep_h = torch.cat([g * group + _keep_top(per_group[g], heads_per_group) for g in range(kv)])
-            keep = (keep_h[:, None] * hd + torch.arange(hd)).flatten()  # head -> its hd rows
-            _slice_linear(b.self_attn.q_proj, rows=keep)
-            _slice_linear(b.self_attn.o_proj, cols=keep)
-            b.self_attn.num_key_value_groups = heads_per_group
+    if intermediate is not None and intermediate < lay.mlp_width(cfg):
+        arch.keep_mlp_(model, [_keep_top(imp.neurons[i], intermediate) for i in range(len(blocks))])
     if heads_per_group is not None and heads_per_group < group:
-        cfg.head_dim = hd
-        cfg.num_attention_heads = kv * heads_per_group
-    if intermediate is not None:
-        cfg.intermediate_size = min(intermediate, cfg.intermediate_size)
+        keep = []
+        for i in range(len(blocks)):
+            per_group = imp.heads[i].view(kv, group)  # (kv, group): query heads share their KV head
+            keep.append(torch.cat([g * group + _keep_top(per_group[g], heads_per_group) for g in range(kv)]))
+        arch.keep_heads_(model, keep)
     if hidden is not None and hidden < cfg.hidden_size:
-        _prune_channels_(model, lay, _keep_top(imp.channels, hidden))
+        arch.keep_hidden_(model, _keep_top(imp.channels, hidden))
     return model
-
-
-def _prune_channels_(model: nn.Module, lay: Layout, keep: Tensor) -> None:
-    """Remove embedding channels everywhere the residual stream passes."""
-    cfg = model.config
-    cfg.head_dim = head_dim(cfg)
-    emb = lay.embed(model)
-    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb.weight
-    emb.weight = nn.Parameter(emb.weight.data[:, keep].contiguous().clone())  # (V, hidden)
-    emb.embedding_dim = keep.numel()
-    for b in lay.blocks(model):
-        for norm in (b.input_layernorm, b.post_attention_layernorm):
-            norm.weight = nn.Parameter(norm.weight.data[keep].clone())
-        for lin in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj, b.mlp.gate_proj, b.mlp.up_proj):
-            _slice_linear(lin, cols=keep)
-        _slice_linear(b.self_attn.o_proj, rows=keep)
-        _slice_linear(b.mlp.down_proj, rows=keep)
-    norm = lay.final_norm(model)
-    norm.weight = nn.Parameter(norm.weight.data[keep].clone())
-    head = model.get_output_embeddings()
-    if tied:
-        head.weight = emb.weight
-    else:
-        _slice_linear(head, cols=keep)
-    cfg.hidden_size = keep.numel()
 
 
 @torch.no_grad()
 def drop_layers_(model: nn.Module, drop: list[int]) -> nn.Module:
     """Remove the blocks in `drop` for good (depth pruning) and update the config. In place."""
-    lay = require_llama(model)
-    parent, name = _parent(model, lay.blocks_path)
-    kept = [b for i, b in enumerate(getattr(parent, name)) if i not in set(drop)]
-    for j, b in enumerate(kept):
-        b.self_attn.layer_idx = j
-    setattr(parent, name, nn.ModuleList(kept))
-    model.config.num_hidden_layers = len(kept)
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [t for i, t in enumerate(model.config.layer_types) if i not in set(drop)]
-    return model
+    n = len(arch.blocks(model))
+    return arch.keep_blocks_(model, [i for i in range(n) if i not in set(drop)])
 
 
 @torch.no_grad()
 def prune_depth_(model: nn.Module, n_drop: int, input_ids: Tensor, metric: str = "ppl", iterative: bool = False) -> list[int]:
     """Drop the `n_drop` least important layers. One-shot: score once, drop the lowest.
     Iterative: drop one, re-score the rest, repeat. Returns the original indices dropped."""
-    remaining = list(range(len(require_llama(model).blocks(model))))
+    remaining = list(range(len(arch.blocks(model))))
     if not iterative:
         drop = layer_importance(model, input_ids, metric).topk(n_drop, largest=False).indices.tolist()
         drop_layers_(model, drop)
@@ -326,7 +244,7 @@ def prune_width_iterative_(model: nn.Module, input_ids: Tensor, hidden: int | No
     """Width pruning in `iterations` stages, re-estimating importance on the partly pruned model
     before each (Minitron Sec. 4.2 found one shot as good as iterative for width)."""
     cfg = model.config
-    start = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads // cfg.num_key_value_heads)
+    start = (cfg.hidden_size, arch.layout(model).mlp_width(cfg), cfg.num_attention_heads // arch.kv_heads(cfg))
     for k in range(1, iterations + 1):
         def step(a, b):
             return None if b is None else round(a + (b - a) * k / iterations)
@@ -344,16 +262,15 @@ def match_width(config, target_non_embedding: int, multiple: int = 64) -> tuple[
     step = n_heads * 8 // math.gcd(n_heads, 8)
 
     def count(h, i):
-        blk = llama_block_params(h, i, n_heads, config.num_key_value_heads, head_dim(config))
-        return config.num_hidden_layers * blk + h
+        return arch.param_count(config, hidden=h, intermediate=i, embeddings=False)
 
     # proportional shrink r of hidden and intermediate together, by bisection on the count
     lo, hi = 0.0, 1.0
     for _ in range(50):
         r = (lo + hi) / 2
-        lo, hi = (r, hi) if count(r * config.hidden_size, r * config.intermediate_size) < target_non_embedding else (lo, r)
+        lo, hi = (r, hi) if count(r * config.hidden_size, r * arch.mlp_width(config)) < target_non_embedding else (lo, r)
     hidden = max(step, round(r * config.hidden_size / step) * step)
-    inters = range(multiple, config.intermediate_size + 1, multiple)
+    inters = range(multiple, arch.mlp_width(config) + 1, multiple)
     intermediate = min(inters, key=lambda i: abs(count(hidden, i) - target_non_embedding))
     return hidden, intermediate
 

@@ -101,11 +101,13 @@ def upcycle_mlp(mlp: nn.Module, hidden: int, config: MoEConfig) -> MoEMLP:
 def upcycle_(model: nn.Module, config: MoEConfig) -> list[int]:
     """Replace the MLP of every `config.every`-th block by an upcycled MoE, in place; returns the
     indices of the upcycled blocks."""
+    arch.require(model, "moe", "MoE upcycling")
     hidden = model.config.hidden_size
     done = []
     for i, block in enumerate(arch.blocks(model)):
         if i % config.every == config.every - 1:
-            block.mlp = upcycle_mlp(block.mlp, hidden, dataclasses.replace(config, seed=config.seed + i))
+            mlp = upcycle_mlp(arch.mlp_module(model, block), hidden, dataclasses.replace(config, seed=config.seed + i))
+            arch.set_mlp(model, block, mlp)
             done.append(i)
     return done
 
@@ -164,18 +166,20 @@ def flops_per_token(active_params: int, embedding_params: int, layers: int, hidd
     return 2 * (active_params - embedding_params) + 2 * layers * context * hidden
 
 
-def widen_mlp(mlp: nn.Module, factor: int) -> nn.Module:
-    """A Llama MLP with `factor` × wider hidden layer computing the same function (each neuron
-    copied `factor` times, down_proj divided by `factor`): a dense model with the MoE's total parameters."""
-    wide = copy.deepcopy(mlp)
+def widen_mlp(mlp: nn.Module, factor: int, model_type: str = "llama") -> nn.Module:
+    """A copy of an MLP module with a `factor` × wider hidden layer computing the same function
+    (each neuron copied `factor` times, down's columns divided by `factor`): a dense model with
+    the MoE's total parameters.
+
+    Args:
+        model_type: the architecture the MLP comes from (`shrinklib.arch.ARCHS`: where its gate,
+            up and down projections are).
+    """
+    lay = arch.layout_of_type(model_type)
+    holder = nn.Module()  # stands for the block: the MLP sits at the architecture's path in it
+    arch.set_module(holder, lay.arch.mlp, copy.deepcopy(mlp))
+    width = arch.proj_slice(lay, holder, None, "up")[1]
     with torch.no_grad():
-        for name in ("gate_proj", "up_proj"):
-            old = getattr(mlp, name)
-            new = nn.Linear(old.in_features, old.out_features * factor, bias=False).to(old.weight)
-            new.weight.copy_(old.weight.repeat(factor, 1))  # (factor·f, d)
-            setattr(wide, name, new)
-        old = mlp.down_proj
-        new = nn.Linear(old.in_features * factor, old.out_features, bias=False).to(old.weight)
-        new.weight.copy_(old.weight.repeat(1, factor) / factor)  # (d, factor·f)
-        wide.down_proj = new
-    return wide
+        idx = torch.arange(width.stop - width.start).repeat(factor)  # (factor·f,) every neuron factor times
+        arch.select_mlp_channels_(lay, holder, None, idx, down_scale=1.0 / factor)
+    return arch.get_path(holder, lay.arch.mlp)

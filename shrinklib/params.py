@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from .arch import head_dim, kv_heads, param_kind
+
 
 @dataclass(frozen=True)
 class Published:
@@ -62,18 +64,8 @@ def config_of(p: Published) -> PretrainedConfig:
 
 
 def kind_of(name: str) -> str:
-    """Which part of the network a parameter belongs to, from its name."""
-    if "embed_tokens" in name:
-        return "embedding"
-    if "lm_head" in name:
-        return "lm_head"
-    if "experts" in name:
-        return "experts"
-    if "self_attn" in name:
-        return "attention"
-    if "mlp" in name or "gate" in name:  # a MoE router is called "gate"
-        return "mlp"
-    return "norm"
+    """Which part of the network a parameter belongs to, from its name (`shrinklib.arch.param_kind`)."""
+    return param_kind(name)
 
 
 def param_breakdown(model: torch.nn.Module) -> dict[str, int]:
@@ -94,5 +86,4 @@ def active_params(breakdown: dict[str, int], config: PretrainedConfig) -> int:
 
 def kv_cache_bytes(config: PretrainedConfig, tokens: int, batch: int = 1, bytes_per_value: int = 2) -> int:
     """Bytes of the KV cache: 2 (K and V) × layers × KV heads × head dim × tokens × batch × bytes."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * batch * bytes_per_value
+    return 2 * config.num_hidden_layers * kv_heads(config) * head_dim(config) * tokens * batch * bytes_per_value

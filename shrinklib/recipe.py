@@ -66,7 +66,7 @@ class Step:
     validate: Callable = _none  # validate(params, earlier steps): checks no single config can make
     check_model: Callable = _none  # check_model(params, ModelFacts): before loading the weights
     target: Callable[[Params], str] | None = None  # exports: the file or folder written in --out
-    llama_only: bool = False
+    needs: Callable[[Params], tuple[str, ...]] = lambda p: ()  # techniques it asks of shrinklib.arch's entry
     exportable: bool = True  # the model it leaves is one an export can write
 
 
@@ -126,12 +126,14 @@ def _depth(state: State, p: Params) -> None:
     state.notes.append(f"dropped layers {dropped}")
 
 
-register("minitron_depth", (minitron.MinitronDepthConfig,), _depth, url=minitron.MINITRON_URL, llama_only=True,
+register("minitron_depth", (minitron.MinitronDepthConfig,), _depth, url=minitron.MINITRON_URL,
+         needs=lambda p: ("minitron_depth",),
          reads=lambda p: ("calib",), check_model=check_depth)
 register("minitron_width", (minitron.MinitronWidthConfig,),
          lambda s, p: minitron.prune_width_iterative_(s.model, s.calib_ids(), p.hidden, p.intermediate,
                                                       p.heads_per_group, p.iterations),
-         url=minitron.MINITRON_URL, llama_only=True, reads=lambda p: ("calib",), check_model=width_sizes)
+         url=minitron.MINITRON_URL, reads=lambda p: ("calib",), check_model=width_sizes,
+         needs=lambda p: ("minitron_width",) + (("minitron_hidden",) if p.hidden is not None else ()))
 
 
 def _distill(state: State, p: Params) -> None:
@@ -159,9 +161,11 @@ register("prune", (prune.PruneConfig,), _prune, url=prune.METHODS["wanda"].url, 
 
 
 register("llm_pruner", (prune.LLMPrunerConfig,), lambda s, p: prune.llm_prune_(s.model, p.parts[0], s.calib_ids()),
-         url="https://arxiv.org/abs/2305.11627", llama_only=True, reads=lambda p: ("calib",), check_model=llm_pruner_sizes)
+         url="https://arxiv.org/abs/2305.11627", needs=lambda p: ("llm_pruner",), reads=lambda p: ("calib",),
+         check_model=llm_pruner_sizes)
 register("slicegpt", (prune.SliceGPTConfig,), lambda s, p: prune.slicegpt_(s.model, p.parts[0], s.calib_ids()),
-         url="https://arxiv.org/abs/2401.15024", llama_only=True, reads=lambda p: ("calib",), check_model=slicegpt_sizes,
+         url="https://arxiv.org/abs/2401.15024", needs=lambda p: ("slicegpt",), reads=lambda p: ("calib",),
+         check_model=slicegpt_sizes,
          exportable=False)
 
 
@@ -177,7 +181,8 @@ def _quantize(state: State, p: Params) -> None:
 
 for _name, (_config, _url) in quant.METHODS.items():  # one step per quantizer, with the library's config
     register(_name, (_config,) if _name == "smoothquant" else (_config, QuantizeOptions), _quantize, kind="quantize",
-             url=_url, reads=(lambda p: ()) if _name == "rtn" else (lambda p: ("calib",)))
+             url=_url, reads=(lambda p: ()) if _name == "rtn" else (lambda p: ("calib",)),
+             needs={"awq": lambda p: ("fold",), "smoothquant": lambda p: ("fold",) if p.smooth else ()}.get(_name, lambda p: ()))
 
 
 def _evaluate(state: State, p: Params) -> None:
@@ -209,7 +214,7 @@ def register_export(name: str, fn: Callable, options: tuple[str, ...], target: C
 register_export("export_safetensors", export.export_safetensors, ("packed", "check"))
 register_export("export_gguf", export.export_gguf, ("fmt", "embed_type", "check"), lambda p: f"{p.name}.{p.fmt}.gguf",
                 check=lambda o: export.check_gguf_options(o.fmt, o.embed_type), validate=q4_grid_after,
-                check_model=check_gguf, llama_only=True, url="https://github.com/ggml-org/ggml/blob/master/docs/gguf.md")
+                check_model=check_gguf, needs=lambda p: ("gguf",), url="https://github.com/ggml-org/ggml/blob/master/docs/gguf.md")
 
 
 # ----------------------------------------------------------------------------- running

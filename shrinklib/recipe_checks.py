@@ -300,25 +300,29 @@ class ModelFacts:
 
 def width_sizes(p: Params, facts: ModelFacts) -> None:
     """The input sizes after Minitron width pruning keeps p.hidden / p.intermediate / p.heads_per_group."""
+    from .arch import head_dim, kv_heads
+
     config, sizes = facts.model.config, dict(facts.sizes)
-    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    hd = head_dim(config)
     if p.hidden is not None:
         sizes["attn_in"] = sizes["mlp_in"] = {min(p.hidden, v) for v in sizes["attn_in"]}
     if p.intermediate is not None:
         sizes["mlp_out"] = {min(p.intermediate, v) for v in sizes["mlp_out"]}
     if p.heads_per_group is not None:
-        sizes["attn_out"] = {min(config.num_key_value_heads * p.heads_per_group * hd, v) for v in sizes["attn_out"]}
+        sizes["attn_out"] = {min(kv_heads(config) * p.heads_per_group * hd, v) for v in sizes["attn_out"]}
     facts.sizes = sizes
 
 
 def llm_pruner_sizes(p: Params, facts: ModelFacts) -> None:
     """The input sizes after LLM-Pruner removes p.ratio of the MLP channels and p.head_ratio of the heads."""
+    from .arch import head_dim, kv_heads
+
     config, sizes = facts.model.config, dict(facts.sizes)
-    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_kv = config.num_attention_heads // config.num_key_value_heads
+    hd, kv = head_dim(config), kv_heads(config)
+    per_kv = config.num_attention_heads // kv
     drop = min(round((p.ratio if p.head_ratio is None else p.head_ratio) * per_kv), per_kv - 1)
     sizes["mlp_out"] = {v - int(v * p.ratio) for v in sizes["mlp_out"]}
-    sizes["attn_out"] = {config.num_key_value_heads * (per_kv - drop) * hd}
+    sizes["attn_out"] = {kv * (per_kv - drop) * hd}
     facts.sizes = sizes
 
 
@@ -357,10 +361,10 @@ def check_model(recipe: Recipe, model: nn.Module) -> None:
     """Checks that need the model (its config and shapes; a model on the meta device will do),
     before any step runs: architecture, already quantized, each step's own model check (layer
     counts, N:M and Q4 block sizes after width pruning), sequence lengths within its context."""
+    from .arch import require
     from .checks import check_not_quantized, context_length
     from .recipe import STEPS
 
-    model_type = getattr(model.config, "model_type", "?")
     context = context_length(model)
     for where, length in window_lengths(recipe):
         if context is not None and length > context:
@@ -369,9 +373,9 @@ def check_model(recipe: Recipe, model: nn.Module) -> None:
     facts = ModelFacts(model)
     for i, (name, p) in enumerate(recipe.steps, 1):
         where, step = f"step {i} '{name}'", STEPS[name]
-        if step.llama_only and model_type != "llama":
-            raise RecipeError(f"{where} needs a Llama-architecture model; this one is '{model_type}'")
         try:
+            for technique in step.needs(p):  # "<step> is unsupported for <arch> because <reason>"
+                require(model, technique, name)
             if step.kind == "quantize":
                 check_not_quantized(model, where)
             step.check_model(p, facts)

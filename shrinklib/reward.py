@@ -53,20 +53,17 @@ def last_mlp_features(lm: nn.Module, batch: dict) -> dict[str, Tensor]:
     """What the last block's MLP reads at the last real token, x, and the residual stream h it
     is added to (block output = h + MLP(x)), both (n, d): computed once by the frozen model."""
     block = arch.blocks(lm)[-1]
-    if not isinstance(getattr(block, "mlp", None), nn.Module):
-        raise arch.UnsupportedArchitectureError(
-            f"{type(block).__name__} has no `mlp` submodule (a Llama-style block is needed)")
     seen = {}
-    hooks = [block.mlp.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out)),
-             block.register_forward_hook(lambda m, args, out: seen.update(h=out[0] if isinstance(out, tuple) else out))]
+    hook = block.register_forward_hook(lambda m, args, out: seen.update(h=out[0] if isinstance(out, tuple) else out))
     try:
-        lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        with arch.record_mlp_branch(lm, block, seen):  # seen["x"]: the MLP's input, seen["y"]: what it adds
+            lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     finally:
-        for h in hooks:
-            h.remove()
+        hook.remove()
     rows = torch.arange(batch["input_ids"].shape[0])
     last = batch["attention_mask"].sum(1) - 1  # (n,) right padding: index of the last real token
-    return {"x": seen["x"][rows, last], "h": (seen["h"] - seen["y"])[rows, last]}
+    x, y = (seen[k].reshape(seen["h"].shape) for k in ("x", "y"))  # (n, L, d); OPT flattens the tokens
+    return {"x": x[rows, last], "h": (seen["h"] - y)[rows, last]}
 
 
 class LastMLPRewardModel(nn.Module):
@@ -77,7 +74,7 @@ class LastMLPRewardModel(nn.Module):
     def __init__(self, lm: nn.Module, head_seed: int = 0, dropout: float = 0.0):
         super().__init__()
         self.dropout = nn.Dropout(dropout)  # on the MLP's output (the residual branch), in training only
-        self.mlp = copy.deepcopy(arch.blocks(lm)[-1].mlp)
+        self.mlp = copy.deepcopy(arch.mlp_branch(lm, arch.blocks(lm)[-1]))  # the MLP branch (with any post-norm)
         self.norm = copy.deepcopy(arch.layout(lm).final_norm(lm))
         self.head = RewardModel.new_head(lm.config.hidden_size, head_seed)
         self.requires_grad_(True)

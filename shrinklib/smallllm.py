@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from .arch import keep_blocks_, param_count
+
 # TinyLlama-1.1B's published config (TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T, config.json).
 TINYLLAMA_1B = dict(
     vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -64,16 +66,10 @@ def build_model(config: LlamaConfig, device: str | torch.device = "meta", seed: 
         return LlamaForCausalLM(config)
 
 
-def count_params_config(config: LlamaConfig) -> int:
-    """Parameters of a Llama config by hand: embeddings, attention (GQA), SwiGLU MLP, RMSNorms."""
-    d, f, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    q = o = d * config.num_attention_heads * head_dim  # W_q (h·d_h, d), W_o (d, h·d_h)
-    kv = 2 * d * config.num_key_value_heads * head_dim  # W_k, W_v: only the shared KV heads
-    mlp = 3 * d * f  # gate, up (f, d) and down (d, f): SwiGLU
-    block = q + o + kv + mlp + 2 * d  # two RMSNorm weights
-    head = 0 if config.tie_word_embeddings else V * d
-    return V * d + L * block + d + head  # + final RMSNorm
+def count_params_config(config) -> int:
+    """Parameters of a config by hand: embeddings, attention (GQA), the MLP (SwiGLU for Llama),
+    norms, biases: the suite's one analytic formula, `shrinklib.arch.param_count`."""
+    return int(param_count(config))
 
 
 def training_flops(n_params: float, n_tokens: float) -> float:
@@ -162,9 +158,8 @@ def pretrain(model, ids: torch.Tensor, batch_size: int, seq_len: int, config=Non
 
 
 def depth_pruned(model, keep: list[int]):
-    """A copy of a Llama-style decoder that keeps only the blocks `keep` (same embeddings,
-    final norm, head and tokenizer): a cheap draft for speculative decoding or the small
-    model of a proxy-tuning pair.
+    """A copy of a decoder that keeps only the blocks `keep` (same embeddings, final norm, head and
+    tokenizer): a cheap draft for speculative decoding or the small model of a proxy-tuning pair.
 
     Args:
         keep: indices of the decoder blocks to keep, in order.
@@ -174,14 +169,4 @@ def depth_pruned(model, keep: list[int]):
     L = model.config.num_hidden_layers
     if not keep or any(not 0 <= i < L for i in keep) or len(set(keep)) != len(keep):
         raise ValueError(f"keep must be distinct block indices in [0, {L}), got {keep}")
-    small = copy.deepcopy(model)
-    layers = small.model.layers
-    small.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
-    for new_idx, block in enumerate(small.model.layers):  # the KV cache is indexed by layer_idx
-        block.self_attn.layer_idx = new_idx
-        if hasattr(block, "layer_idx"):
-            block.layer_idx = new_idx
-    small.config.num_hidden_layers = len(keep)
-    if getattr(small.config, "layer_types", None):
-        small.config.layer_types = [small.config.layer_types[i] for i in keep]
-    return small
+    return keep_blocks_(copy.deepcopy(model), list(keep))

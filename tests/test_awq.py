@@ -7,7 +7,7 @@ import torch
 from shrinklib.arch import blocks
 from shrinklib.quant import AWQConfig, RTNConfig, awq_search_clip, awq_search_scale, quantize_
 from shrinklib.quant.awq import fake_quant
-from shrinklib.arch import LLAMA_PREV
+from shrinklib.arch import layout_of_type
 from shrinklib.quant.folding import fold_scale_, foldable, role_groups
 from shrinklib.arch import layout, get_path
 
@@ -70,4 +70,4 @@ def test_awq_beats_rtn_on_the_model(make):
 def test_config_validation():
     with pytest.raises(ValueError, match="n_grid"):
         AWQConfig(n_grid=0)
-    assert set(LLAMA_PREV) == {"attn_in", "mlp_in", "mlp_out"}
+    assert set(layout_of_type("llama").prev()) == {"attn_in", "mlp_in", "mlp_out"}

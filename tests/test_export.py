@@ -1,5 +1,6 @@
 """Export to safetensors and GGUF, each checked by reloading and comparing logits."""
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -28,8 +29,11 @@ def test_gguf_refuses_q4_off_grid(tmp_path):
 
 
 def test_gguf_refuses_other_architectures(tmp_path):
-    with pytest.raises(ExportError, match="Llama architecture"):
+    from shrinklib.arch import UnsupportedArchitectureError
+
+    with pytest.raises(UnsupportedArchitectureError, match="GGUF export is unsupported for opt because"):
         export_gguf(make_picoopt(), tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 @pytest.mark.parametrize("fmt,symmetric,bits,group", [("Q4_1", False, 4, 32), ("Q4_1", False, 3, 64), ("Q4_0", True, 4, 64)])
@@ -255,3 +259,26 @@ def test_an_existing_file_is_never_replaced_by_an_export(tmp_path):
     with pytest.raises(FileExistsError, match="is a file or a link, not a folder"):
         export_safetensors(make_picollama(), notes, overwrite=True)
     assert notes.read_text() == "mine"
+
+
+def test_compressed_tensors_int8_per_channel_and_refusals(tmp_path):
+    from shrinklib.export import export_compressed_tensors
+    from shrinklib.quant import RTNConfig, quantize_
+
+    model = make_picollama()
+    quantize_(model, RTNConfig(bits=8, group_size=None, symmetric=True), progress=False)
+    report = export_compressed_tensors(model, tmp_path / "int8")
+    assert report.ok and report.max_abs_logit_diff == 0
+    cfg = json.loads((tmp_path / "int8" / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and cfg["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
+    asym = make_picollama()
+    quantize_(asym, RTNConfig(bits=4, group_size=16, symmetric=False), progress=False)
+    with pytest.raises(ExportError, match="zero points are not integers"):
+        export_compressed_tensors(asym, tmp_path / "asym")
+    nf4 = make_picollama()
+    quantize_(nf4, RTNConfig(group_size=16, fmt="nf4"), progress=False)
+    with pytest.raises(ExportError, match="value table"):
+        export_compressed_tensors(nf4, tmp_path / "nf4")
+    with pytest.raises(ExportError, match="no quantized linears"):
+        export_compressed_tensors(make_picollama(), tmp_path / "float")
+    assert not any((tmp_path / n).exists() for n in ("asym", "nf4", "float"))

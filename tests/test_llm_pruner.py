@@ -3,10 +3,10 @@ loop), the pruned model's shapes, generate, save/reload, LoRA recovery, clear er
 
 import pytest
 import torch
-from common import make_picollama, make_picoopt, random_ids
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from common import make_picollama, random_ids
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from shrinklib.arch import UnsupportedArchitectureError
+from shrinklib.arch import UnsupportedArchitectureError, layout
 from shrinklib.evaluate import count_params
 from shrinklib.prune.llm_pruner import (LLMPrunerConfig, block_importance, llm_prune_, lora_recover_, taylor_grads,
                                         taylor_group_scores)
@@ -55,7 +55,8 @@ def test_planted_zero_head_and_channel_rank_last(aggregation, reduction):
         mlp.gate_proj.weight[7] = mlp.up_proj.weight[7] = 0
         mlp.down_proj.weight[:, 7] = 0
     grads = taylor_grads(model, IDS)
-    heads, channels = block_importance(model.model.layers[0], grads, "model.layers.0", 4, LLMPrunerConfig(0.2, aggregation=aggregation, reduction=reduction))
+    heads, channels = block_importance(model.model.layers[0], grads, "model.layers.0", 4, LLMPrunerConfig(0.2, aggregation=aggregation, reduction=reduction),
+                                       layout(model), model.config)
     assert heads.argmin() == 1 and heads[1] == 0 and (heads[[0, 2, 3]] > 0).all()
     assert channels.argmin() == 7 and channels[7] == 0 and (channels[torch.arange(64) != 7] > 0).all()
     removed = llm_prune_(model, LLMPrunerConfig(0.25, head_ratio=0.5, aggregation=aggregation, reduction=reduction), IDS)
@@ -101,8 +102,10 @@ def test_lora_recovery_lowers_the_loss_and_merges():
 
 
 def test_errors():
-    with pytest.raises(UnsupportedArchitectureError, match="Llama-architecture"):
-        llm_prune_(make_picoopt(), LLMPrunerConfig(), IDS)
+    mixtral = MixtralForCausalLM(MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=2))
+    with pytest.raises(UnsupportedArchitectureError, match="LLM-Pruner is unsupported for mixtral because its experts"):
+        llm_prune_(mixtral, LLMPrunerConfig(), IDS)
     with pytest.raises(ValueError, match="ratio"):
         LLMPrunerConfig(1.5)
     with pytest.raises(ValueError, match="aggregation"):

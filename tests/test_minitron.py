@@ -155,6 +155,10 @@ def test_random_init_like_has_same_shapes():
     assert [p.shape for p in fresh.parameters()] == [p.shape for p in model.parameters()]
 
 
-def test_non_llama_is_refused_clearly():
-    with pytest.raises(UnsupportedArchitectureError, match="Llama"):
-        activation_importance(make_picoopt(), IDS)
+def test_opt_embedding_channels_are_refused_clearly():
+    model = make_picoopt()
+    imp = activation_importance(model, IDS)  # heads and neurons work on OPT
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(UnsupportedArchitectureError, match="unsupported for opt because its config derives the head width"):
+        prune_width_(model, imp, hidden=16, intermediate=32)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # refused before any change

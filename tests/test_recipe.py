@@ -246,6 +246,24 @@ def test_sizes_follow_structured_pruning_into_the_nm_check():
         check_model(toy_recipe({"llm_pruner": {"ratio": 0.03}}, {"prune": {"n": 2, "m": 4}}), model)
 
 
+def test_the_steps_ask_the_architecture_adapter_what_a_model_can_take():
+    """The structured steps run on every architecture the adapter takes them for (OPT: its KV heads
+    are its query heads, it has no num_key_value_heads); where an entry cannot take a step, the
+    check says why before any work."""
+    from common import make_picoopt
+
+    from shrinklib.recipe_checks import check_model
+
+    opt = make_picoopt()
+    check_model(toy_recipe({"minitron_depth": {"n_drop": 1}}, {"minitron_width": {"intermediate": 32, "heads_per_group": 1}},
+                           {"llm_pruner": {"ratio": 0.25}}, {"slicegpt": {"slicing": 0.25}}, {"awq": {}}), opt)
+    with pytest.raises(RecipeError, match=r"step 1 'minitron_width': minitron_width is unsupported for opt because its "
+                                          r"config derives the head width"):
+        check_model(toy_recipe({"minitron_width": {"hidden": 16}}), opt)
+    with pytest.raises(RecipeError, match=r"step 1 'export_gguf': export_gguf is unsupported for opt because"):
+        check_model(toy_recipe({"export_gguf": {"name": "m"}}), opt)
+
+
 # ----------------------------------------------------------------------------- everything is checked before any work
 
 

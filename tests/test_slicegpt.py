@@ -4,7 +4,7 @@ reloads to equal logits, and keeps more than a random rotation would."""
 
 import pytest
 import torch
-from common import make_picollama, make_picoopt, random_ids
+from common import make_picollama, random_ids
 
 from shrinklib.arch import UnsupportedArchitectureError
 from shrinklib.evaluate import count_params
@@ -90,7 +90,26 @@ def test_pca_keeps_more_than_a_random_rotation():
 
 
 def test_errors():
-    with pytest.raises(UnsupportedArchitectureError, match="Llama-architecture"):
-        slicegpt_(make_picoopt(), SliceGPTConfig(), IDS)
+    from archs import make_tiny
+
+    gemma = make_tiny("gemma2")
+    before = [p.clone() for p in gemma.parameters()]
+    with pytest.raises(UnsupportedArchitectureError, match="SliceGPT is unsupported for gemma2 because its post-attention"):
+        slicegpt_(gemma, SliceGPTConfig(), IDS)
+    assert all(torch.equal(a, b) for a, b in zip(before, gemma.parameters()))  # refused before any change
     with pytest.raises(ValueError, match="slicing"):
         SliceGPTConfig(slicing=1.0)
+
+
+def test_a_copy_of_a_sliced_model_has_its_own_shortcuts():
+    import copy
+
+    model = _with_norm_scales(make_picollama(4))
+    slicegpt_(model, SliceGPTConfig(slicing=0.25), IDS)
+    ref = model(IDS).logits
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(IDS).logits, ref, rtol=0, atol=0)
+    with torch.no_grad():
+        twin.model.layers[0].attn_shortcut.weight.mul_(2)
+    torch.testing.assert_close(model(IDS).logits, ref, rtol=0, atol=0)  # the original's hooks use its own weights
+    assert not torch.allclose(twin(IDS).logits, ref)

@@ -1,5 +1,7 @@
-"""LLM-Pruner (Ma, Fang & Wang, 2023): remove whole dependency groups of a Llama block, chosen
-by first-order Taylor importance, and recover with a short LoRA fine-tune.
+"""LLM-Pruner (Ma, Fang & Wang, 2023): remove whole dependency groups of a decoder block, chosen
+by first-order Taylor importance, and recover with a short LoRA fine-tune. Where the projections
+are (fused or not, with or without biases) comes from `shrinklib.arch`; the groups below are named
+as in Llama.
 
 Dependency groups of one block (everything that must go together so the shapes still fit):
 - an attention head h: rows h·hd..(h+1)·hd of q_proj and the same columns of o_proj. Under
@@ -7,7 +9,7 @@ Dependency groups of one block (everything that must go together so the shapes s
   repeat_kv maps query head i to KV head i // (heads / kv_heads)), so the same number of
   query heads is removed from every KV group; k_proj and v_proj stay.
 - an MLP channel j: row j of gate_proj and up_proj, column j of down_proj.
-The same number of groups goes in every block, so the result is an ordinary Llama with a
+The same number of groups goes in every block, so the result is an ordinary model with a
 smaller config (`num_attention_heads`, `intermediate_size`), saved and loaded by transformers.
 """
 
@@ -19,31 +21,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..arch import LLAMA_ROLES, UnsupportedArchitectureError, blocks, layout
+from .. import arch
 from ..checks import check_fields
 
 REDUCTIONS = {"sum": lambda s: s.sum(0), "mean": lambda s: s.mean(0), "max": lambda s: s.amax(0), "prod": lambda s: s.prod(0)}
 
 
-def check_llama(model: nn.Module) -> None:
-    """Raise a clear error unless the model has Llama blocks (q/k/v/o, gate/up/down, RMSNorm)."""
-    lay = layout(model)
-    block = blocks(model)[0]
-    missing = [p for p in LLAMA_ROLES if not _has(block, p)]
-    if lay.roles() != LLAMA_ROLES or missing or not hasattr(model.config, "num_key_value_heads"):
-        raise UnsupportedArchitectureError(
-            f"structured pruning needs a Llama-architecture block (self_attn.q/k/v/o_proj, mlp.gate/up/down_proj, "
-            f"grouped-query attention); '{lay.model_type}' does not have it (missing: {missing or 'roles differ'})"
-        )
-
-
-def _has(root: nn.Module, path: str) -> bool:
-    try:
-        for part in path.split("."):
-            root = getattr(root, part)
-        return isinstance(root, nn.Linear)
-    except AttributeError:
-        return False
+def check_supported(model: nn.Module) -> arch.Layout:
+    """The model's layout, or a clear error before any work if LLM-Pruner cannot slice it."""
+    return arch.require(model, "llm_pruner", "LLM-Pruner")
 
 
 @dataclass(frozen=True)
@@ -71,7 +57,8 @@ class LLMPrunerConfig:
 
 def taylor_grads(model: nn.Module, calib_ids: Tensor, batch_size: int = 4) -> dict[str, Tensor]:
     """∂L/∂W of the mean next-token loss on the calibration ids, for every linear of every block."""
-    params = {n: p for n, p in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")}
+    wanted = set(arch.block_weight_names(model))
+    params = {n: p for n, p in model.named_parameters() if n in wanted}
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
         p.requires_grad_(n in params)
@@ -103,38 +90,33 @@ def taylor_group_scores(W: Tensor, G: Tensor, n_groups: int, dim: int, aggregati
 
 
 def block_importance(block: nn.Module, grads: dict[str, Tensor], prefix: str, n_heads: int,
-                     config: LLMPrunerConfig) -> tuple[Tensor, Tensor]:
-    """(head scores (n_heads,), channel scores (intermediate,)) of one block."""
-    att, mlp, reduce = block.self_attn, block.mlp, REDUCTIONS[config.reduction]
+                     config: LLMPrunerConfig, lay: arch.Layout, model_config) -> tuple[Tensor, Tensor]:
+    """(head scores (n_heads,), channel scores (intermediate,)) of one block.
 
-    def score(lin, name, n, dim):
-        return taylor_group_scores(lin.weight, grads[f"{prefix}.{name}.weight"], n, dim, config.aggregation)
+    Args:
+        lay, model_config: the model's `shrinklib.arch` layout and config (where q, o, gate, up, down are).
+    """
+    reduce = REDUCTIONS[config.reduction]
 
-    heads = reduce(torch.stack([score(att.q_proj, "self_attn.q_proj", n_heads, 0), score(att.o_proj, "self_attn.o_proj", n_heads, 1)]))
-    inter = mlp.gate_proj.out_features
-    channels = reduce(torch.stack([score(mlp.gate_proj, "mlp.gate_proj", inter, 0), score(mlp.up_proj, "mlp.up_proj", inter, 0),
-                                   score(mlp.down_proj, "mlp.down_proj", inter, 1)]))
+    def score(name, n, dim):
+        lin, rows = arch.proj_slice(lay, block, model_config, name)
+        G = grads[f"{prefix}.{getattr(lay.arch, name).path}.weight"]
+        return taylor_group_scores(lin.weight[rows], G[rows], n, dim, config.aggregation)
+
+    heads = reduce(torch.stack([score("q", n_heads, 0), score("o", n_heads, 1)]))
+    inter = arch.proj_slice(lay, block, model_config, "up")[1]
+    inter = inter.stop - inter.start
+    channels = reduce(torch.stack([score(n, inter, 0) for n in ("gate", "up") if getattr(lay.arch, n) is not None]
+                                  + [score("down", inter, 1)]))
     return heads, channels
 
 
-def _sliced(lin: nn.Linear, keep: Tensor, dim: int) -> nn.Linear:
-    """A new Linear with only the kept output rows (dim 0) or input columns (dim 1)."""
-    W = lin.weight.data.index_select(dim, keep)
-    new = nn.Linear(W.shape[1], W.shape[0], bias=lin.bias is not None, device=W.device, dtype=W.dtype)
-    new.weight.data.copy_(W)
-    if lin.bias is not None:
-        new.bias.data.copy_(lin.bias.data if dim == 1 else lin.bias.data[keep])
-    return new
-
-
-def prune_block_(block: nn.Module, keep_heads: Tensor, keep_channels: Tensor, head_dim: int, kv_heads: int) -> None:
-    """Remove every head not in keep_heads and every MLP channel not in keep_channels (sorted ids)."""
-    att, mlp = block.self_attn, block.mlp
-    rows = (keep_heads[:, None] * head_dim + torch.arange(head_dim, device=keep_heads.device)).flatten()
-    att.q_proj, att.o_proj = _sliced(att.q_proj, rows, 0), _sliced(att.o_proj, rows, 1)
-    att.num_key_value_groups = len(keep_heads) // kv_heads
-    mlp.gate_proj, mlp.up_proj = _sliced(mlp.gate_proj, keep_channels, 0), _sliced(mlp.up_proj, keep_channels, 0)
-    mlp.down_proj = _sliced(mlp.down_proj, keep_channels, 1)
+def prune_block_(model: nn.Module, block: nn.Module, keep_heads: Tensor, keep_channels: Tensor) -> None:
+    """Remove every head not in keep_heads (its q rows, o columns) and every MLP channel not in
+    keep_channels (gate/up rows, down columns) of one block; sorted ids."""
+    lay = arch.layout(model)
+    arch.keep_block_heads_(lay, block, model.config, keep_heads)
+    arch.select_mlp_channels_(lay, block, model.config, keep_channels)
 
 
 @torch.no_grad()
@@ -142,34 +124,35 @@ def llm_prune_(model: nn.Module, config: LLMPrunerConfig, calib_ids: Tensor, bat
     """Prune a Llama-architecture model in place by Taylor importance; returns what was removed.
 
     Args:
-        model: a Llama-family causal LM (raises UnsupportedArchitectureError otherwise).
+        model: a causal LM of an architecture `shrinklib.arch` knows (UnsupportedArchitectureError otherwise).
         config: ratios and importance aggregation.
         calib_ids: (n, L) calibration ids for the gradients.
     """
-    check_llama(model)
+    lay = check_supported(model)
     cfg = model.config
-    n_heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    n_heads, kv, inter = cfg.num_attention_heads, arch.kv_heads(cfg), lay.mlp_width(cfg)
     per_kv = n_heads // kv
     drop_per_kv = round((config.ratio if config.head_ratio is None else config.head_ratio) * per_kv)
     drop_per_kv = min(drop_per_kv, per_kv - 1)  # keep at least one query head per KV group
-    n_channels = cfg.intermediate_size - int(cfg.intermediate_size * config.ratio)
+    n_channels = inter - int(inter * config.ratio)
     grads = taylor_grads(model, calib_ids, batch_size)
     removed = {"heads": [], "channels": [], "head_scores": [], "channel_scores": []}
-    for i, block in enumerate(blocks(model)):
-        heads, channels = block_importance(block, grads, f"{layout(model).blocks_path}.{i}", n_heads, config)
+    keep = []
+    for i, block in enumerate(lay.blocks(model)):
+        heads, channels = block_importance(block, grads, f"{lay.blocks_path}.{i}", n_heads, config, lay, cfg)
         by_kv = heads.reshape(kv, per_kv)  # (kv groups, query heads per group)
         keep_in_group = torch.topk(by_kv, per_kv - drop_per_kv, dim=1).indices.sort(1).values
         keep_heads = (keep_in_group + per_kv * torch.arange(kv, device=heads.device)[:, None]).flatten()
         keep_channels = torch.topk(channels, n_channels).indices.sort().values
         removed["heads"].append(sorted(set(range(n_heads)) - set(keep_heads.tolist())))
-        removed["channels"].append(cfg.intermediate_size - n_channels)
+        removed["channels"].append(inter - n_channels)
         removed["head_scores"].append(heads.tolist())
         removed["channel_scores"].append(channels)
-        prune_block_(block, keep_heads, keep_channels, head_dim, kv)
-    cfg.head_dim = head_dim  # explicit: hidden_size / heads no longer gives it
-    cfg.num_attention_heads = kv * (per_kv - drop_per_kv)
-    cfg.intermediate_size = n_channels
+        keep.append((keep_heads, keep_channels))
+    for block, (keep_heads, keep_channels) in zip(lay.blocks(model), keep):  # scores first, then every block is cut
+        prune_block_(model, block, keep_heads, keep_channels)
+    arch.set_heads(cfg, kv * (per_kv - drop_per_kv))
+    setattr(cfg, lay.arch.mlp_size, n_channels)
     return removed
 
 
@@ -188,7 +171,7 @@ def lora_recover_(model: nn.Module, next_batch, steps: int = 30, lr: float = 2e-
 
     from ..train import TrainConfig, train
 
-    targets = [p.rsplit(".", 1)[-1] for p in LLAMA_ROLES]
+    targets = arch.linear_leaf_names(model)
     with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing; nothing for us to change
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets))

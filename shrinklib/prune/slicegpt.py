@@ -1,18 +1,23 @@
 """SliceGPT (Ashkboos et al., 2024): rotate the residual stream into its principal axes and
 delete the least significant ones, so every weight matrix loses rows or columns.
 
-Steps (Llama blocks): (1) fold each RMSNorm's scale into the linears that read it, so the
-norms become scale-free and commute with rotations (RMSNorm(xQ) = RMSNorm(x)Q); (2) walk the
+Steps: (1) make every norm rotation-invariant: fold each norm's scale (and a LayerNorm's bias)
+into the linears that read it, so the norms become scale-free and RMSNorm(xQ) = RMSNorm(x)Q; a
+LayerNorm (OPT) also subtracts the mean, which commutes with no rotation, so the mean is removed
+from everything that writes to the stream instead (embeddings, o and down rows and biases), after
+which the LayerNorm equals an RMSNorm and is replaced by one (the paper's Sec. 3.2); (2) walk the
 blocks in order with calibration data; at each residual point (block input, after attention,
 after the MLP) take Q = the eigenvectors of XᵀX, sorted by eigenvalue; rotate the weights that
 write to the stream by Qᵀ and those that read it by Q; (3) keep the first d' columns of each Q.
 
 The residual stream is expressed in a different basis before and after each sub-layer, so
 the skip connection needs the change of basis Q_inᵀQ_out: a bias-free (d', d') linear
-`attn_shortcut` and `mlp_shortcut` in every block. That is the only extra module; a block
-with them is `ShortcutLlamaDecoderLayer` (a Llama decoder layer whose residual adds go through
-the shortcuts). `save_sliced`/`load_sliced` store the model as config.json (hidden_size = d',
-plus a "slicegpt" entry) and model.safetensors.
+`attn_shortcut` and `mlp_shortcut` in every block. They act through forward hooks on the
+modules whose outputs are the residual branches (`shrinklib.arch`): the attention branch becomes
+attn(x) + x·S_attn − x, so the block's own residual add gives x·S_attn + attn(x); the block's
+forward is never copied, so any architecture of `shrinklib.arch` whose branches are modules works.
+`save_sliced`/`load_sliced` store the model as config.json (hidden_size = d', plus a "slicegpt"
+entry) and model.safetensors.
 """
 
 from __future__ import annotations
@@ -25,11 +30,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..arch import blocks, layout
-from ..calib import capture_block_inputs, run_block, to_device
+from .. import arch
+from ..calib import capture_block_inputs, run_block
 from ..checks import check_fields
 from ..io import staged_folder
-from .llm_pruner import check_llama
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,13 @@ class SliceGPTConfig:
 
 
 def sliced_param_count(config, d2: int) -> int:
-    """Parameters of a Llama `config` sliced to d2: untied embedding and head, every block's
-    linears reading or writing d2, two (d2, d2) shortcuts and two norms per block."""
-    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    q, kv, inter = config.num_attention_heads * hd, config.num_key_value_heads * hd, config.intermediate_size
-    block = d2 * (q + 2 * kv) + q * d2 + 3 * inter * d2 + 2 * d2 * d2 + 2 * d2
-    return 2 * config.vocab_size * d2 + config.num_hidden_layers * block + d2
+    """Parameters of a model of `config` sliced to d2: the architecture's formula at hidden d2 with
+    an untied head, plus two (d2, d2) shortcuts per block (a LayerNorm model: its norms lose their
+    biases, which move into the readers and a head bias)."""
+    n = arch.param_count(config, hidden=d2, tied=False) + 2 * config.num_hidden_layers * d2 * d2
+    if arch.ARCHS[config.model_type].norm == "layer":
+        n += config.vocab_size - (2 * config.num_hidden_layers + 1) * d2
+    return int(n)
 
 
 def kept_dim_for_params(config, target: int, multiple: int = 8) -> int:
@@ -81,121 +86,180 @@ def pca_basis(X: Tensor) -> tuple[Tensor, Tensor]:
     return Q[:, order], evals[order]
 
 
-class ShortcutLlamaDecoderLayer(nn.Module):
-    """Marker base: see `_shortcut_forward`; instances are LlamaDecoderLayers whose class was extended."""
+class _Shortcuts:
+    """The forward hooks that route a block's residual adds through its shortcut linears."""
+
+    def __init__(self, lay: arch.Layout, layer: nn.Module):
+        self.layer, self.x, self.mid = layer, None, None
+        a = lay.arch
+        layer.register_forward_pre_hook(self.on_block, with_kwargs=True)
+        arch.get_path(layer, a.attn_branch).register_forward_hook(self.on_attn)
+        arch.get_path(layer, a.mlp_norm).register_forward_pre_hook(self.on_mlp_norm)
+        arch.get_path(layer, a.mlp_branch).register_forward_hook(self.on_mlp)
+
+    def on_block(self, module, args, kwargs):
+        self.x = args[0] if args else kwargs["hidden_states"]  # (b, L, d') the residual entering the block
+
+    def on_attn(self, module, args, out):
+        branch = out[0] if isinstance(out, tuple) else out
+        branch = branch + self.layer.attn_shortcut(self.x) - self.x  # the add then gives x·S_attn + attn
+        self.x = None
+        return (branch, *out[1:]) if isinstance(out, tuple) else branch
+
+    def on_mlp_norm(self, module, args):
+        self.mid = args[0]  # the residual after attention
+
+    def on_mlp(self, module, args, out):
+        out = out + self.layer.mlp_shortcut(self.mid) - self.mid
+        self.mid = None
+        return out
 
 
-def _shortcut_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                      use_cache=False, position_embeddings=None, **kwargs):
-    """The Llama decoder layer with the skip connections rotated: x·S_attn + attn, then ·S_mlp + mlp."""
-    h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
-                          position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
-                          position_embeddings=position_embeddings, **kwargs)
-    x = self.attn_shortcut(hidden_states) + h  # (b, L, d')
-    return self.mlp_shortcut(x) + self.mlp(self.post_attention_layernorm(x))
-
-
-_SHORTCUT_CLASSES: dict[type, type] = {}
-
-
-def add_shortcuts_(layer: nn.Module, d_in: int, d_mid: int, d_out: int) -> nn.Module:
-    """Give a Llama decoder layer the two shortcut linears and the rotated-skip forward."""
-    kw = {"bias": False, "device": layer.self_attn.q_proj.weight.device, "dtype": layer.self_attn.q_proj.weight.dtype}
-    layer.attn_shortcut = nn.Linear(d_in, d_mid, **kw)
-    layer.mlp_shortcut = nn.Linear(d_mid, d_out, **kw)
-    base = type(layer)
-    if not issubclass(base, ShortcutLlamaDecoderLayer):
-        if base not in _SHORTCUT_CLASSES:
-            _SHORTCUT_CLASSES[base] = type("Shortcut" + base.__name__, (base, ShortcutLlamaDecoderLayer), {"forward": _shortcut_forward})
-        layer.__class__ = _SHORTCUT_CLASSES[base]
+def add_shortcuts_(layer: nn.Module, d_in: int, d_mid: int, d_out: int, lay: arch.Layout) -> nn.Module:
+    """Give a decoder layer the two shortcut linears and the hooks that use them."""
+    if not hasattr(layer, "attn_shortcut"):
+        w = next(layer.parameters())
+        layer.attn_shortcut = nn.Linear(d_in, d_mid, bias=False, device=w.device, dtype=w.dtype)
+        layer.mlp_shortcut = nn.Linear(d_mid, d_out, bias=False, device=w.device, dtype=w.dtype)
+        layer._slicegpt_hooks = _Shortcuts(lay, layer)
     return layer
 
 
-def _linear(W: Tensor, like: nn.Linear) -> nn.Linear:
-    new = nn.Linear(W.shape[1], W.shape[0], bias=False, device=like.weight.device, dtype=like.weight.dtype)
-    new.weight.data.copy_(W)
-    return new
+def _set_linear_(lin: nn.Linear, W: Tensor, bias: Tensor | None = None) -> None:
+    """Give a linear a new weight (any shape) and, if given, bias, in place."""
+    lin.weight = nn.Parameter(W.contiguous())
+    lin.out_features, lin.in_features = W.shape
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.contiguous())
 
 
 def _norm(norm: nn.Module, d: int, value: float) -> nn.Module:
-    """The same RMSNorm module type at width d, weight filled with `value`."""
+    """The same RMSNorm module at width d, weight filled with `value` (Gemma's x̂·(1 + w): pass the scale − 1)."""
     norm.weight = nn.Parameter(torch.full((d,), value, dtype=norm.weight.dtype, device=norm.weight.device))
+    if hasattr(norm, "normalized_shape"):
+        norm.normalized_shape = (d,)
     return norm
+
+
+def _center_(W: Tensor, dim: int) -> None:
+    """Subtract the mean over `dim` (the stream's channels) in place: outputs become zero-mean."""
+    W.sub_(W.mean(dim, keepdim=True))
+
+
+def _rmsnorm_for(ln: nn.Module) -> nn.RMSNorm:
+    """An RMSNorm equal to a LayerNorm on zero-mean inputs, weight 1 (its affine is folded out)."""
+    w = ln.weight
+    return nn.RMSNorm(w.shape[0], eps=ln.eps, device=w.device, dtype=w.dtype).requires_grad_(w.requires_grad)
+
+
+@torch.no_grad()
+def _fold_into_readers_(norm: nn.Module, readers: list[nn.Module], offset: float) -> None:
+    """reader(x̂·(offset + w) + β) = (W·diag(offset + w)) x̂ + (Wβ + b)."""
+    scale = norm.weight + offset
+    beta = getattr(norm, "bias", None)
+    for lin in readers:
+        if beta is not None:
+            b = lin.weight @ beta.to(lin.weight.dtype)  # (out,)
+            lin.bias = nn.Parameter(b if lin.bias is None else lin.bias + b)
+        lin.weight.mul_(scale[None, :].to(lin.weight.dtype))
 
 
 @torch.no_grad()
 def fold_norms_(model: nn.Module) -> None:
-    """Fold every RMSNorm scale into the linears that read it (norm weights become 1); unties lm_head."""
-    check_llama(model)
-    for b in blocks(model):
-        for norm, readers in ((b.input_layernorm, (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj)),
-                              (b.post_attention_layernorm, (b.mlp.gate_proj, b.mlp.up_proj))):
-            for lin in readers:
-                lin.weight.mul_(norm.weight[None, :].to(lin.weight.dtype))
-            norm.weight.fill_(1.0)
-    final, head = layout(model).final_norm(model), model.lm_head
-    if head.weight is layout(model).embed(model).weight:  # the scale cannot be folded into a shared matrix
+    """Fold every norm's scale (and bias) into the linears that read it (norm weights become 1) and,
+    for LayerNorm models, remove the mean from every writer and replace the LayerNorms by RMSNorms;
+    unties lm_head. The model computes the same function."""
+    lay = arch.require(model, "slicegpt", "SliceGPT")
+    layer_norm, offset = lay.arch.norm == "layer", lay.norm_offset
+    for b in lay.blocks(model):
+        for path, readers in lay.readers(b).items():
+            norm = arch.get_path(b, path)
+            _fold_into_readers_(norm, readers, offset)
+            if layer_norm:
+                arch.set_module(b, path, _rmsnorm_for(norm))
+            else:
+                norm.weight.fill_(1.0 - offset)
+        if layer_norm:
+            for lin in lay.writers(b):
+                _center_(lin.weight.data, 0)
+                if lin.bias is not None:
+                    _center_(lin.bias.data, 0)
+    head, embed = model.get_output_embeddings(), lay.embed(model)
+    if head.weight is embed.weight:  # the scale cannot be folded into a shared matrix
         head.weight = nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False
-    head.weight.mul_(final.weight[None, :].to(head.weight.dtype))
-    final.weight.fill_(1.0)
+    final = lay.final_norm(model)
+    _fold_into_readers_(final, [head], offset)
+    if layer_norm:
+        for e in (embed, lay.positions(model)):
+            _center_(e.weight.data, 1)
+        arch.set_module(model, lay.norm_path, _rmsnorm_for(final))
+    else:
+        final.weight.fill_(1.0 - offset)
 
 
-def _signals(layer: nn.Module, x: Tensor, kwargs: dict, batch_size: int) -> tuple[Tensor, Tensor]:
+def _signals(layer: nn.Module, x: Tensor, kwargs: dict, batch_size: int, lay: arch.Layout) -> tuple[Tensor, Tensor]:
     """(after attention, after MLP) residual signals of an unrotated, norm-folded layer; x (n, L, d)."""
-    kwargs = to_device(kwargs, x.device)
-    mids, outs = [], []
-    for s in range(0, x.shape[0], batch_size):
-        xb = x[s : s + batch_size]
-        mid = xb + layer.self_attn(hidden_states=layer.input_layernorm(xb), **kwargs)[0]
-        mids.append(mid)
-        outs.append(mid + layer.mlp(layer.post_attention_layernorm(mid)))
-    return torch.cat(mids), torch.cat(outs)
+    mids = []
+    hook = arch.get_path(layer, lay.arch.mlp_norm).register_forward_pre_hook(lambda m, args: mids.append(args[0]))
+    try:
+        out = run_block(layer, x, kwargs, batch_size)
+    finally:
+        hook.remove()
+    return torch.cat(mids), out
 
 
 @torch.no_grad()
 def slicegpt_(model: nn.Module, config: SliceGPTConfig, calib_ids: Tensor, batch_size: int = 8) -> dict:
-    """Rotate and slice a Llama-architecture model in place; returns the kept dimension and
-    the fraction of variance kept at every residual point.
+    """Rotate and slice a model in place; returns the kept dimension and the fraction of variance
+    kept at every residual point.
 
     Args:
-        model: a Llama-family causal LM (raises UnsupportedArchitectureError otherwise).
+        model: a causal LM of an architecture `shrinklib.arch` knows (UnsupportedArchitectureError,
+            before any change, where SliceGPT does not apply, e.g. Gemma 2's post-norms).
         config: the slicing fraction.
         calib_ids: (n, L) calibration ids for the PCA.
     """
+    lay = arch.require(model, "slicegpt", "SliceGPT")
     fold_norms_(model)
     d = model.config.hidden_size
     d2 = config.kept_dim(d)
     scale = math.sqrt(d / d2)  # RMSNorm over d' kept coordinates: ‖x̃‖ ≈ ‖x‖ but the mean divides by d'
-    embed = layout(model).embed(model)
-    Q, ev = pca_basis(embed.weight[calib_ids])
-    Q = Q[:, :d2].to(embed.weight.dtype)  # (d, d')
+    hidden, _ = capture_block_inputs(model, calib_ids)  # (n, L, d) what block 0 reads
+    Q, ev = pca_basis(hidden)
+    Q = Q[:, :d2].to(hidden.dtype)  # (d, d')
     kept = [(ev[:d2].sum() / ev.sum()).item()]
-    embed.weight = nn.Parameter(embed.weight @ Q)  # (V, d')
-    embed.embedding_dim = d2
+    for e in (lay.embed(model), lay.positions(model)):
+        if e is not None:
+            e.weight = nn.Parameter(e.weight @ Q)  # (V, d')
+            e.embedding_dim = d2
     hidden, kwargs = capture_block_inputs(model, calib_ids)  # (n, L, d') in the basis Q
-    for layer in blocks(model):
+    for layer in lay.blocks(model):
         x = hidden @ Q.T  # (n, L, d) back in the original coordinates (exact when d' = d)
-        mid, out = _signals(layer, x, kwargs, batch_size)
+        mid, out = _signals(layer, x, kwargs, batch_size, lay)
         Q_mid, ev_mid = pca_basis(mid)
         Q_out, ev_out = pca_basis(out)
         Q_mid, Q_out = Q_mid[:, :d2].to(Q.dtype), Q_out[:, :d2].to(Q.dtype)
         kept += [(ev_mid[:d2].sum() / ev_mid.sum()).item(), (ev_out[:d2].sum() / ev_out.sum()).item()]
-        att, mlp = layer.self_attn, layer.mlp
-        att.q_proj, att.k_proj, att.v_proj = (_linear(lin.weight @ Q, lin) for lin in (att.q_proj, att.k_proj, att.v_proj))
-        att.o_proj = _linear(Q_mid.T @ att.o_proj.weight, att.o_proj)  # (d', heads·hd)
-        mlp.gate_proj, mlp.up_proj = (_linear(lin.weight @ Q_mid, lin) for lin in (mlp.gate_proj, mlp.up_proj))
-        mlp.down_proj = _linear(Q_out.T @ mlp.down_proj.weight, mlp.down_proj)  # (d', inter)
-        _norm(layer.input_layernorm, d2, scale), _norm(layer.post_attention_layernorm, d2, scale)
-        add_shortcuts_(layer, d2, d2, d2)
+        readers = lay.readers(layer)
+        for lin in readers[lay.arch.attn_norm]:
+            _set_linear_(lin, lin.weight @ Q)  # (out, d')
+        for lin in readers[lay.arch.mlp_norm]:
+            _set_linear_(lin, lin.weight @ Q_mid)
+        for lin, Qw in zip(lay.writers(layer), (Q_mid, Q_out)):  # (d', in): rows in the new basis
+            _set_linear_(lin, Qw.T @ lin.weight, None if lin.bias is None else lin.bias @ Qw)
+        for path in (lay.arch.attn_norm, lay.arch.mlp_norm):
+            _norm(arch.get_path(layer, path), d2, scale - lay.norm_offset)
+        add_shortcuts_(layer, d2, d2, d2, lay)
         layer.attn_shortcut.weight.copy_(Q_mid.T @ Q)  # x̃_in Qᵀ Q_mid, as a Linear (out, in)
         layer.mlp_shortcut.weight.copy_(Q_out.T @ Q_mid)
         hidden = run_block(layer, hidden, kwargs, batch_size)
         Q = Q_out
-    _norm(layout(model).final_norm(model), d2, scale)
-    model.lm_head = _linear(model.lm_head.weight @ Q, model.lm_head)  # (V, d')
+    _norm(lay.final_norm(model), d2, scale - lay.norm_offset)
+    head = model.get_output_embeddings()
+    _set_linear_(head, head.weight @ Q)  # (V, d')
     cfg = model.config
-    cfg.head_dim = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    cfg.head_dim = arch.head_dim(cfg)
     cfg.slicegpt = {"original_hidden_size": d, "slicing": config.slicing}
     cfg.hidden_size = d2
     return {"d": d, "d_kept": d2, "variance_kept": kept}
@@ -215,19 +279,42 @@ def save_sliced(model: nn.Module, folder: str | Path, overwrite: bool = False) -
 
 
 def load_sliced(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A sliced model saved by `save_sliced`: the Llama built from its config, plus the shortcuts."""
+    """A sliced model saved by `save_sliced`: the model built from its config at the original width
+    (so every head keeps its width, whatever the architecture derives it from), its norms made
+    RMSNorms where they were LayerNorms, the shortcuts added, then every stored tensor put in place."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
-    if "slicegpt" not in json.loads((folder / "config.json").read_text()):
+    entry = json.loads((folder / "config.json").read_text()).get("slicegpt")
+    if entry is None:
         raise ValueError(f"{folder} is not a SliceGPT model (no 'slicegpt' entry in config.json)")
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     d2 = config.hidden_size
-    for layer in blocks(model):
-        add_shortcuts_(layer, d2, d2, d2)
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            _norm(norm, d2, 1.0)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    config.hidden_size = entry["original_hidden_size"]
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    lay = arch.layout(model)
+    if lay.arch.norm == "layer":
+        for b in lay.blocks(model):
+            for path in (lay.arch.attn_norm, lay.arch.mlp_norm):
+                arch.set_module(b, path, _rmsnorm_for(arch.get_path(b, path)))
+        arch.set_module(model, lay.norm_path, _rmsnorm_for(lay.final_norm(model)))
+    for layer in lay.blocks(model):
+        add_shortcuts_(layer, d2, d2, d2, lay)
+    state = load_file(str(folder / "model.safetensors"))
+    missing = set(model.state_dict()) - set(state)
+    if missing - {k for k in missing if k.endswith("lm_head.weight")}:
+        raise ValueError(f"{folder}: tensors missing from model.safetensors: {sorted(missing)[:4]}")
+    for key, t in state.items():
+        owner, _, name = key.rpartition(".")
+        module = arch.get_path(model, owner)
+        setattr(module, name, nn.Parameter(t.to(dtype)) if t.is_floating_point() else t)
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.Embedding):
+            module.embedding_dim = module.weight.shape[1]
+        elif hasattr(module, "normalized_shape"):
+            module.normalized_shape = (module.weight.shape[0],)
+    model.config.hidden_size = d2
+    model.config.tie_word_embeddings = False
     return model.to(device).eval()

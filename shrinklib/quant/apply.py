@@ -129,7 +129,8 @@ def awq_(model: nn.Module, calib_ids: Tensor, config: AWQConfig, backend: str | 
          progress: bool = True) -> dict:
     """AWQ: search and fold per-channel scales for each group of linears sharing an input, search
     clipping, then round to nearest. Returns the chosen α per block and role."""
-    prev_of, roles = foldable(model), layout(model).roles()
+    prev_of, lay = foldable(model), layout(model)
+    roles = lay.roles()
     alphas: dict = {}
 
     def step(s):
@@ -155,7 +156,8 @@ def awq_(model: nn.Module, calib_ids: Tensor, config: AWQConfig, backend: str | 
                 g = resolve_group_size(config.group_size, X[role].shape[1])
                 ws = [lin.weight.float() for lin in group.values()]
                 sc, alpha = awq_search_scale(ws, X[role], X[role].abs().mean(0), config.bits, g, config.symmetric, config.n_grid)
-                fold_scale_(get_path(s.block, prev_of[role]), list(group.values()), sc)
+                fold_scale_(get_path(s.block, prev_of[role]), list(group.values()), sc,
+                            lay.prev_rows(role, s.block, model.config), lay.norm_offset)
                 X[role] = X[role] / sc
                 alphas[f"{s.index}.{role}"] = alpha
         for role, group in groups.items():
@@ -163,7 +165,7 @@ def awq_(model: nn.Module, calib_ids: Tensor, config: AWQConfig, backend: str | 
                 W = lin.weight.float()
                 g = resolve_group_size(config.group_size, W.shape[1])
                 clip = 1.0
-                if config.clip and not path.endswith(("q_proj", "k_proj")):  # AWQ leaves q/k unclipped
+                if config.clip and path not in (lay.arch.q.path, lay.arch.k.path):  # AWQ leaves q/k unclipped
                     clip = awq_search_clip(W, X[role], config.bits, g, config.symmetric)
                 _install(s.block, path, _rtn_int(W, config.bits, g, config.symmetric, clip), backend)
 
@@ -180,7 +182,8 @@ def smoothquant_(model: nn.Module, calib_ids: Tensor | None, config: SmoothQuant
     if config.smooth:
         if calib_ids is None:
             raise ValueError("SmoothQuant needs calibration ids to measure activation ranges")
-        prev_of, roles = foldable(model), layout(model).roles()
+        prev_of, lay = foldable(model), layout(model)
+        roles = lay.roles()
 
         def step(s):
             stats = collect_input_stats(s.block, s.forward, hessian=False)
@@ -188,7 +191,8 @@ def smoothquant_(model: nn.Module, calib_ids: Tensor | None, config: SmoothQuant
                 if role in prev_of and role != "mlp_out":  # the paper smooths the inputs after a norm
                     act_max = stats[next(iter(group))].abs_max
                     sc = smooth_scales(act_max, [lin.weight.float() for lin in group.values()], config.alpha)
-                    fold_scale_(get_path(s.block, prev_of[role]), list(group.values()), sc)
+                    fold_scale_(get_path(s.block, prev_of[role]), list(group.values()), sc,
+                                lay.prev_rows(role, s.block, model.config), lay.norm_offset)
 
         sequential(model, calib_ids, step, device=device, desc="SmoothQuant", progress=progress)
     for block in blocks(model):
