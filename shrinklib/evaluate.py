@@ -6,6 +6,7 @@ Every notebook measures with these functions, so the numbers across notebooks co
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
 import time
@@ -300,6 +301,15 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def _release_freed_memory() -> None:
+    """Return memory the C allocator still holds after frees to the system (glibc's malloc_trim), so
+    that a resident-set measurement which follows counts every byte a call allocates; elsewhere a no-op."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_rss() -> bool:
     """Reset the kernel's high-water mark of this process (Linux: clear_refs 5)."""
     try:
@@ -335,6 +345,7 @@ def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") ->
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
+    _release_freed_memory()  # else memory freed earlier but kept by the allocator hides new allocations
     base = _rss()
     if _reset_peak_rss() and peak_rss() is not None:
         fn()

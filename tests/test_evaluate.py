@@ -166,3 +166,11 @@ def test_kl_divergence_refuses_another_vocabulary_and_a_bad_top_k():
         kl_divergence(_sharp(seed=3, vocab=112), cache)
     with pytest.raises(ValueError, match="top_k"):
         base_logprobs(base, ids, top_k=0)
+
+
+def test_peak_memory_counts_a_repeated_allocation_every_time():
+    # the allocator keeps a freed block for reuse; without handing it back first, the second
+    # measurement of the same 20 MB allocation would see no growth of the resident set
+    n = 5_000_000
+    peaks = [peak_memory(lambda: torch.ones(n).sum()) for _ in range(3)]
+    assert all(0.9 * n * 4 < p < 3 * n * 4 for p in peaks), peaks
