@@ -1,15 +1,17 @@
-"""Evaluation on one harness: perplexity, size as stored, latency and peak memory.
+"""Evaluation on one harness: perplexity, KL divergence to the base model, size as stored, latency and
+peak memory.
 
 Every notebook measures with these functions, so the numbers across notebooks compare.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -58,19 +60,145 @@ def perplexity(
         max_tokens: use only the first `max_tokens` ids (None: all).
     """
     ids = _evaluation_ids(model, ids, seq_len, max_tokens)  # checked, first max_tokens
-    device = next(model.parameters()).device
-    wins = windows(ids, seq_len)
     total_nll, total_n = 0.0, 0
-    groups = [wins[i : i + batch_size] for i in range(0, len(wins), batch_size)]
-    for group in tqdm(groups, desc="perplexity", disable=not progress):
-        for same_len in _by_length(group):
-            x = torch.stack(same_len).to(device)  # (b, l)
-            logits = model(x, use_cache=False).logits.float()  # (b, l, vocab)
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-            total_nll += nll.item()
-            total_n += x[:, 1:].numel()
+    for x, logp in _window_logprobs(model, ids, seq_len, batch_size, progress, "perplexity"):
+        total_nll -= logp.gather(-1, x[:, 1:, None]).sum().item()
+        total_n += x[:, 1:].numel()
     mean = total_nll / total_n
     return Perplexity(math.exp(mean), mean, total_n)
+
+
+def _window_logprobs(model: nn.Module, ids: Tensor, seq_len: int, batch_size: int, progress: bool, desc: str):
+    """Yield (x (b, l), log-probabilities (b, l - 1, vocab) of the tokens after each position) for the
+    windows of `ids`, a few windows of one length at a time, always in the same order."""
+    device = next(model.parameters()).device
+    wins = windows(ids, seq_len)
+    groups = [wins[i : i + batch_size] for i in range(0, len(wins), batch_size)]
+    for group in tqdm(groups, desc=desc, disable=not progress):
+        for same_len in _by_length(group):
+            x = torch.stack(same_len).to(device)  # (b, l)
+            logits = model(x, use_cache=False).logits[:, :-1].float()  # (b, l - 1, vocab)
+            yield x, F.log_softmax(logits, dim=-1)
+
+
+# ----------------------------------------------------------------------------- KL divergence to the base
+
+TOP_K = 1024  # base tokens kept per position by `base_logprobs` (the rest are one bucket)
+
+
+@dataclass(frozen=True)
+class BaseLogProbs:
+    """The base model's next-token distributions on the evaluation windows, kept compactly: for
+    every predicted position, its `k` largest log-probabilities (descending), their token ids, and
+    the log of the probability of all other tokens together. Positions are in `perplexity`'s order."""
+
+    ids: Tensor  # (N,) the evaluation ids scored (after max_tokens)
+    seq_len: int
+    top_logp: Tensor = field(repr=False)  # (positions, k) float32
+    top_ids: Tensor = field(repr=False)  # (positions, k) int32
+    rest_logp: Tensor = field(repr=False)  # (positions,) log P(every token outside the top k); -inf when none
+    vocab: int  # the base's logits width
+    perplexity: Perplexity  # the base's own, from the same pass
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """How far a compressed model's next-token distributions are from the base's on the same
+    positions (the statistics of llama.cpp's `perplexity --kl-divergence`), with its perplexity."""
+
+    ppl: float
+    nll: float  # mean negative log-likelihood per predicted token, nats
+    n_tokens: int  # positions compared (= tokens predicted)
+    kl_mean: float  # mean KL(P_base ‖ Q) per position, nats
+    kl_p99: float  # its 99th percentile (linear interpolation between order statistics)
+    top1: float  # share of positions where both models' most likely next token is the same
+    kl: Tensor = field(repr=False)  # (positions,) KL per position
+
+
+def kl_topk(top_logp: Tensor, top_ids: Tensor, rest_logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(P ‖ Q) per position, with both distributions coarsened to P's top-k tokens plus one
+    bucket for all other tokens. Coarsening never increases a KL divergence (the data-processing
+    inequality), so this is a lower bound, exact when P puts no mass outside its top k.
+
+    Args:
+        top_logp: (n, k) log P of P's k most likely tokens; top_ids: (n, k) their ids.
+        rest_logp: (n,) log P of all other tokens together (-inf when k is the vocabulary).
+        logq: (n, V) log Q over the whole vocabulary.
+
+    Returns:
+        (n,) KL in nats.
+    """
+    top_ids = top_ids.long()
+    lq = logq.gather(-1, top_ids)  # (n, k) log Q of P's top tokens
+    head = (top_logp.exp() * (top_logp - lq)).sum(-1)  # Σ_top p (log p - log q)
+    rest_logq = logq.scatter(-1, top_ids, float("-inf")).logsumexp(-1)  # (n,) log Q of the other tokens
+    tail = rest_logp.exp() * (rest_logp - rest_logq)  # the bucket's term r_p log(r_p / r_q)
+    return head + torch.where(rest_logp > float("-inf"), tail, torch.zeros_like(tail))
+
+
+@torch.no_grad()
+def base_logprobs(
+    model: nn.Module,
+    ids: Tensor,
+    seq_len: int = EVAL_SEQ_LEN,
+    max_tokens: int | None = EVAL_TOKENS,
+    top_k: int = TOP_K,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> BaseLogProbs:
+    """Run the base model once over the evaluation windows (as `perplexity` does) and keep, per
+    position, its `top_k` largest log-probabilities and the mass of the rest: about 8·top_k bytes a
+    position instead of 4·vocab, so a long evaluation fits in memory. `kl_divergence` compares a
+    model against it.
+
+    Args:
+        ids, seq_len, max_tokens: as for `perplexity`.
+        top_k: tokens kept per position (capped at the vocabulary); see `kl_topk` for what it costs.
+    """
+    check_field("base_logprobs", "top_k", top_k, int)
+    if top_k < 1:
+        raise ValueError(f"base_logprobs: top_k must be ≥ 1, got {top_k}")
+    ids = _evaluation_ids(model, ids, seq_len, max_tokens)
+    tops, idx, rest, nll, n, vocab = [], [], [], 0.0, 0, None
+    for x, logp in _window_logprobs(model, ids, seq_len, batch_size, progress, "base log-probs"):
+        vocab = logp.shape[-1]
+        nll -= logp.gather(-1, x[:, 1:, None]).sum().item()
+        n += x[:, 1:].numel()
+        for row in logp:  # one window at a time: (l - 1, vocab)
+            t, i = row.topk(min(top_k, vocab), dim=-1)  # (l - 1, k), descending
+            tops.append(t.cpu())
+            idx.append(i.to(torch.int32).cpu())
+            rest.append(row.scatter(-1, i, float("-inf")).logsumexp(-1).cpu())
+    return BaseLogProbs(ids.cpu(), seq_len, torch.cat(tops), torch.cat(idx), torch.cat(rest), vocab,
+                        Perplexity(math.exp(nll / n), nll / n, n))
+
+
+@torch.no_grad()
+def kl_divergence(model: nn.Module, base: BaseLogProbs, batch_size: int = 4, progress: bool = False) -> Divergence:
+    """Perplexity, KL divergence from the base and top-1 agreement of `model`, in one pass over the
+    windows `base` was computed on (`base_logprobs`); the base's logits are never recomputed.
+
+    Raises:
+        ValueError: the model's vocabulary differs from the base's.
+    """
+    ids = _evaluation_ids(model, base.ids, base.seq_len, None)  # checked against this model
+    device = next(model.parameters()).device
+    kls, same, nll, start = [], 0, 0.0, 0
+    for x, logq in _window_logprobs(model, ids, base.seq_len, batch_size, progress, "KL divergence"):
+        if logq.shape[-1] != base.vocab:
+            raise ValueError(f"kl_divergence: the model has {logq.shape[-1]} logits per position, the base {base.vocab}; "
+                             "compare models that share one vocabulary")
+        nll -= logq.gather(-1, x[:, 1:, None]).sum().item()
+        for row in logq:  # one window at a time: (l - 1, vocab)
+            stop = start + row.shape[0]
+            top_logp, top_ids = base.top_logp[start:stop].to(device), base.top_ids[start:stop].to(device)
+            kls.append(kl_topk(top_logp, top_ids, base.rest_logp[start:stop].to(device), row).cpu())
+            same += (row.argmax(-1) == top_ids[:, 0].long()).sum().item()
+            start = stop
+    kl = torch.cat(kls)
+    n = kl.numel()
+    kl64 = kl.double()
+    return Divergence(math.exp(nll / n), nll / n, n, kl64.mean().item(), torch.quantile(kl64, 0.99).item(), same / n, kl)
 
 
 def _evaluation_ids(model: nn.Module, ids: Tensor, seq_len: int, max_tokens: int | None) -> Tensor:
@@ -190,6 +318,15 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def _release_freed_memory() -> None:
+    """Return memory the C allocator still holds after frees to the system (glibc's malloc_trim), so
+    that a resident-set measurement which follows counts every byte a call allocates; elsewhere a no-op."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_rss() -> bool:
     """Reset the kernel's high-water mark of this process (Linux: clear_refs 5)."""
     try:
@@ -225,6 +362,7 @@ def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") ->
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
+    _release_freed_memory()  # else memory freed earlier but kept by the allocator hides new allocations
     base = _rss()
     if _reset_peak_rss() and peak_rss() is not None:
         fn()
