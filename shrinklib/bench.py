@@ -130,13 +130,13 @@ METHODS = {
 }
 
 
-def bench_layers(shapes, batches=(1, 16), methods=None, min_time: float = 0.2) -> list[dict]:
+def bench_layers(shapes, batches=(1, 16), methods=None, min_time: float = 0.2, stream_bytes: int | None = None) -> list[dict]:
     """One row per (shape, batch, method): ms, GB/s of weight bytes and speedup over float32
-    F.linear with the weight streamed from memory (copies of the layer, together twice the
-    last-level cache, called in turn, so each copy is evicted before its next call), and the same
-    with one weight called over and over (hot). One method's copies are in memory at a time (twice
-    a 480 MiB cache is 960 MiB per method)."""
-    rows, stream_bytes = [], 2 * last_level_cache_bytes()
+    F.linear with the weight streamed from memory (copies of the layer, together `stream_bytes`,
+    by default twice the last-level cache, called in turn, so each copy is evicted before its next
+    call), and the same with one weight called over and over (hot). One method's copies are in
+    memory at a time (twice a 480 MiB cache is 960 MiB per method)."""
+    rows, stream_bytes = [], stream_bytes or 2 * last_level_cache_bytes()
     for N, Kf in shapes:
         W = torch.randn(N, Kf, generator=torch.Generator().manual_seed(0)) / Kf**0.5
         xs = {M: torch.randn(M, Kf) for M in batches}

@@ -25,9 +25,9 @@ NOTEBOOKS = {p.stem: p for p in discover()}
 # receives those it declares (a renamed parameter shows up as a run that is too long or fails).
 TINY = dict(
     eval_tokens=256, seq_len=128, eval_seq_len=128, new_tokens=4, context_lengths=[32, 64],
-    bits_list=[4], group_sizes=[0, 32], layer="0.mlp.down_proj",
+    bits_list=[4], group_sizes=[0, 32], block=0,
     n_calib=2, calib_len=32, group_size=32, awq_tokens=64, calib_sizes=[], source_sweep=False,
-    bench_shapes=[[64, 64]], bench_batches=[1], min_time=0.001, decode_tokens=2, prefill_len=16,
+    bench_shapes=[[64, 64]], bench_batches=[1], min_time=0.001, stream_mib=4, decode_tokens=2, prefill_len=16,
     sparsities=[0.5], patterns=["2:4"], methods=["magnitude", "wanda"], matmul_size=128,
     lora_steps=2, lora_batch=2, lora_len=32, prefill_tokens=32, repeats=1,
     student_layers=1, steps=2, batch_size=2, width_iterations=1,
@@ -48,25 +48,7 @@ PER_NOTEBOOK = {
 }
 
 # notebook -> what it still needs to run on another model (strict xfail: remove the entry once it runs)
-NO_SWITCH = "no assert_claims parameter, so a claim that does not hold on a random model stops the run"
-NO_TOLERANCES = "its results file declares no tolerances, which Results.save now requires"
-PENDING: dict[str, str] = {
-    "00_baseline": f"{NO_SWITCH}; {NO_TOLERANCES}",
-    "01_quantization_basics": f"{NO_SWITCH}: 'the embedded weights hold at most 16 distinct values per block of 32' is "
-                              "asserted of any model (a fact of the embedded Q4_1 GGUF only)",
-    "02_post_training_quantization": f"{NO_SWITCH}; {NO_TOLERANCES}",
-    "03_low_bit_kernels": f"{NO_SWITCH}; the kernel-check cell asks rtn_codes for 1-bit codes, which quantize refuses "
-                          "(it fails on the default run too)",
-    "04_unstructured_pruning": f"{NO_SWITCH} (Wanda < half magnitude's perplexity)",
-    "05_structured_pruning": f"{NO_SWITCH}; {NO_TOLERANCES}",
-    "06_knowledge_distillation": f"{NO_SWITCH} (KD beats hard labels)",
-    "07_minitron_prune_and_distill": f"{NO_SWITCH} (prune+distill beats random init)",
-    "08_model_merging": f"{NO_SWITCH} (WARM memorizes fewer corrupted labels)",
-    "09_mixture_of_experts": f"{NO_SWITCH}",
-    "10_small_llms": f"{NO_SWITCH}; {NO_TOLERANCES}",
-    "11_proxy_tuning": f"{NO_SWITCH} (proxy tuning raises accuracy)",
-    "12_compression_frontier": f"{NO_SWITCH}; {NO_TOLERANCES}",
-}
+PENDING: dict[str, str] = {}
 
 TIMEOUT = 600  # seconds per notebook at this scale (a default-scale run is refused well before)
 
