@@ -456,8 +456,9 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
 
 def label_points(ax, xy: dict[str, tuple[float, float]], fontsize: int = 7) -> None:
     """Write each key of `xy` beside its point (x, y), moving a label up or down, in steps of its
-    height, until it overlaps no label placed before it (a thin line then joins it to its point).
-    Call it after the axes' scales and limits are set."""
+    height, until it overlaps no label placed before it and stays inside the figure (a thin line then
+    joins it to its point; where no such place exists, it stays beside its point). Call it after the
+    axes' scales and limits are set."""
     fig = ax.figure
     fig.tight_layout()
     fig.canvas.draw()  # label sizes in pixels need a drawn figure
@@ -465,10 +466,20 @@ def label_points(ax, xy: dict[str, tuple[float, float]], fontsize: int = 7) -> N
     for label, (x, y) in sorted(xy.items(), key=lambda kv: (kv[1][1], kv[1][0])):
         text = ax.annotate(label, (x, y), xytext=(4, 2), textcoords="offset points", fontsize=fontsize,
                            arrowprops=dict(arrowstyle="-", lw=0.4, color="0.6", shrinkA=0, shrinkB=2))
+        text.set_in_layout(False)  # a later tight_layout must not shrink the axes around far-moved labels
+        dx = 4
+        if text.get_window_extent().x1 > fig.bbox.x1:  # no room on the right: write it on the left of its point
+            dx = -4
+            text.set_horizontalalignment("right")
+            text.set_position((dx, 2))
+        free = None
         for k in range(60):
             box = text.get_window_extent()
-            if not any(box.overlaps(b) for b in placed):
+            inside = fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
+            if inside and not any(box.overlaps(b) for b in placed):
+                free = text.get_position()
                 break
             step = (k // 2 + 1) * (box.height + 1) * (1 if k % 2 == 0 else -1) * 72 / fig.dpi  # points
-            text.set_position((4, 2 + step))
+            text.set_position((dx, 2 + step))
+        text.set_position(free or (dx, 2))  # no free place inside the figure: beside its point, overlapping
         placed.append(text.get_window_extent())
