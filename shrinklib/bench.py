@@ -271,12 +271,12 @@ def targets(rows: list[dict], model_rows: list[dict], bandwidth: float) -> list[
         ours = [r for r in b16 if r["method"].startswith("ours")]
         if f32 and ours:
             worst = max(ours, key=lambda r: r["ms"])
-            out.append({"target": f"batch 16 (4096²): every format of ours >= float32 (slowest: {worst['method']})",
-                        "measured": f32["ms"] / worst["ms"], "met": worst["ms"] <= f32["ms"]})
+            out.append({"target": "batch 16 (4096²): every format of ours >= float32",  # a name that timings never change
+                        "measured": f32["ms"] / worst["ms"], "met": worst["ms"] <= f32["ms"], "which": worst["method"]})
         if fbgemm and ours:
             best = min(ours, key=lambda r: r["ms"])
-            out.append({"target": f"batch 16 (4096²): best of ours >= fbgemm int8 ({best['method']})",
-                        "measured": fbgemm["ms"] / best["ms"], "met": best["ms"] <= fbgemm["ms"]})
+            out.append({"target": "batch 16 (4096²): best of ours >= fbgemm int8",
+                        "measured": fbgemm["ms"] / best["ms"], "met": best["ms"] <= fbgemm["ms"], "which": best["method"]})
     return out
 
 
