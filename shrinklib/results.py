@@ -365,16 +365,17 @@ def claims_table(results: list[dict]) -> str:
 
 
 def markdown_table(rows: list[dict], floatfmt: str = ".3g") -> str:
-    """A list of dicts (same keys) as a Markdown table string, for "paper vs ours" cells."""
+    """A list of dicts as a Markdown table string, for "paper vs ours" cells: one column per key, in
+    the order keys first appear; a row without a key leaves its cell empty."""
     if not rows:
         return ""
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for r in rows for k in r))
 
     def fmt(v):
         return format(v, floatfmt) if isinstance(v, float) else str(v)
 
     head = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
-    return head + "\n".join("| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows)
+    return head + "\n".join("| " + " | ".join(fmt(r[k]) if k in r else "" for k in keys) + " |" for r in rows)
 
 
 class Table:

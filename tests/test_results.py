@@ -267,3 +267,10 @@ def test_labels_of_crowded_points_do_not_overlap():
     boxes = [t.get_window_extent() for t in ax.texts]
     assert len(boxes) == 12
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_a_table_of_rows_with_different_keys_leaves_the_missing_cells_empty():
+    # a benchmark row of another engine has other columns (llama.cpp's one decode speed)
+    rows = [{"format": "lut4", "decode (eager)": 40.0, "decode (compiled)": 53.0}, {"format": "llama.cpp", "decode": 126.0}]
+    assert R.markdown_table(rows) == ("| format | decode (eager) | decode (compiled) | decode |\n|---|---|---|---|\n"
+                                      "| lut4 | 40 | 53 |  |\n| llama.cpp |  |  | 126 |")
