@@ -379,8 +379,8 @@ def markdown_table(rows: list[dict], floatfmt: str = ".3g") -> str:
 
 
 class Table:
-    """A list of dicts (same keys) shown as a table: rendered from Markdown in JupyterLab and on a
-    repository page, as the Markdown text in a console."""
+    """A list of dicts shown as a table (`markdown_table`'s columns): rendered from Markdown in
+    JupyterLab and on a repository page, as the Markdown text in a console."""
 
     def __init__(self, rows: list[dict], floatfmt: str = ".3g"):
         self.text = markdown_table(rows, floatfmt)
