@@ -4,7 +4,7 @@ Plumbing lives in its own modules, written once:
     models    load a model and tokenizer by id (the embedded SmolLM2-135M by default)
     data      corpora and calibration samples
     tasks     small generated tasks with exact answers
-    evaluate  perplexity, size, latency, peak memory
+    evaluate  perplexity, KL divergence to a base model, size, latency, peak memory
     arch      where a decoder's blocks and linears are (the one architecture adapter)
     calib     layer-by-layer calibration shared by the compression methods
     train     one training loop (accelerate)
@@ -14,7 +14,7 @@ Plumbing lives in its own modules, written once:
 from .data import calibration_batch, load_corpus
 from .evaluate import count_params, decode_latency, model_size_bytes, peak_memory, perplexity, time_fn
 from .models import DEFAULT_MODEL, load_model
-from .results import Results, new_figure, save_figure
+from .results import Results, new_figure, save_figure, show_table
 from .seed import seed_everything
 from .show import show
 from .units import GiB, KiB, MiB
@@ -37,5 +37,6 @@ __all__ = [
     "save_figure",
     "seed_everything",
     "show",
+    "show_table",
     "time_fn",
 ]
