@@ -275,6 +275,13 @@ def match_width(config, target_non_embedding: int, multiple: int = 64) -> tuple[
     return hidden, intermediate
 
 
+def match_mlp(config, target_non_embedding: int, multiple: int = 64) -> int:
+    """MLP width (a multiple of `multiple`) of a student that keeps the hidden size and every head and
+    has about the target non-embedding parameter count: width pruning of the MLP alone."""
+    inters = range(multiple, arch.mlp_width(config) + 1, multiple)
+    return min(inters, key=lambda i: abs(arch.param_count(config, intermediate=i, embeddings=False) - target_non_embedding))
+
+
 def save_student(model: nn.Module, folder: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
     """Save a pruned model as an ordinary `transformers` checkpoint (safetensors + its smaller
     config), written to a temporary folder and renamed into place. An existing folder is replaced

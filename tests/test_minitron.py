@@ -8,10 +8,11 @@ import torch
 from common import make_picollama, make_picoopt, random_ids
 from transformers import AutoModelForCausalLM
 
+from shrinklib import arch
 from shrinklib.arch import UnsupportedArchitectureError
 from shrinklib.evaluate import count_params
 from shrinklib.minitron import (
-    activation_importance, drop_layers_, layer_importance, match_width, non_embedding_params, prune_depth_,
+    activation_importance, drop_layers_, layer_importance, match_mlp, match_width, non_embedding_params, prune_depth_,
     prune_width_, prune_width_iterative_, random_init_like, save_student, without_layers,
 )
 
@@ -162,3 +163,17 @@ def test_opt_embedding_channels_are_refused_clearly():
     with pytest.raises(UnsupportedArchitectureError, match="unsupported for opt because its config derives the head width"):
         prune_width_(model, imp, hidden=16, intermediate=32)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # refused before any change
+
+
+def test_match_mlp_keeps_hidden_and_heads_and_meets_the_target():
+    model = _model()
+    cfg = model.config
+    half = non_embedding_params(cfg) // 2
+    i = match_mlp(cfg, half, multiple=8)
+    assert i % 8 == 0 and 0 < i < cfg.intermediate_size
+    best = abs(arch.param_count(cfg, intermediate=i, embeddings=False) - half)
+    for other in (i - 8, i + 8):  # no other multiple of 8 is closer to the target
+        if 0 < other <= cfg.intermediate_size:
+            assert best <= abs(arch.param_count(cfg, intermediate=other, embeddings=False) - half)
+    pruned = prune_width_(model, activation_importance(model, IDS), intermediate=i)
+    assert pruned.config.hidden_size == cfg.hidden_size and non_embedding_params(pruned.config) == arch.param_count(cfg, intermediate=i, embeddings=False)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
-from ._check import not_attempted
+import torch
+
+from ._check import check_function, not_attempted
 
 
 def check_forward_kl(answer) -> None:
@@ -42,3 +44,26 @@ def check_topk_memory(answer) -> None:
         print(f"Correct: {49152 * 4} bytes against {32 * 8} bytes per token, {expected:.0f}× less.")
         return
     raise AssertionError(f"{answer}: full = 49152 × 4 bytes; top-k = 32 × (4 bytes value + 4 bytes id).")
+
+
+def check_kd_loss(fn) -> None:
+    """Exercise 4 (code): `kd_loss(student_logits, teacher_logits, T)`, Hinton's T² · KL(p_T ‖ q_T) with
+    p_T = softmax(teacher / T), q_T = softmax(student / T) over the last dimension, averaged over positions."""
+    def kl(p, q):
+        return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+    p1 = (0.75, 0.25)  # softmax(ln 3, 0)
+    r3 = math.sqrt(3)
+    p2 = (r3 / (1 + r3), 1 / (1 + r3))  # softmax((ln 3) / 2, 0)
+    half = (0.5, 0.5)
+    cases = [
+        # teacher (3/4, 1/4), student uniform, T = 1: ¾ ln(3/2) + ¼ ln(1/2)
+        ((torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]]), 1.0), kl(p1, half)),
+        # T = 2 softens the teacher to (√3, 1) / (1 + √3) and multiplies the KL by T² = 4
+        ((torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]]), 2.0), 4 * kl(p2, half)),
+        # two positions: one identical pair (KL 0) and the first case, averaged; the direction matters
+        ((torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[1.0, 2.0], [math.log(3.0), 0.0]]), 1.0), kl(p1, half) / 2),
+    ]
+    check_function("kd_loss", fn, cases,
+                   "p = softmax(teacher / T), log_q = log_softmax(student / T); "
+                   "T**2 * (p * (log p - log_q)).sum(-1).mean()")

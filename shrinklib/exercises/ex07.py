@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ._check import not_attempted
+import torch
+
+from ._check import check_function, not_attempted
 
 
 def check_width_layer_params(answer) -> None:
@@ -48,3 +50,18 @@ def check_prune_first(answer) -> None:
     if int(answer) == 1:
         raise AssertionError("Neuron 1 has the smallest mean signed activation; importance uses magnitudes |a|.")
     raise AssertionError(f"{answer}: average |a| down each column and take the smallest.")
+
+
+def check_keep_neurons(fn) -> None:
+    """Exercise 4 (code): `keep_neurons(a, k)`, the k MLP neurons Minitron keeps given activations a
+    (tokens, neurons): the largest mean |a| over tokens, returned in increasing index order."""
+    cases = [
+        # mean |a| = (2.0, 1.0, 0.15): keep neurons 0 and 1
+        ((torch.tensor([[1.0, -2.0, 0.1], [3.0, 0.0, -0.2]]), 2), [0, 1]),
+        # magnitudes, not signed values: mean |a| = (1, 0.5, 4, 5); the largest first is neuron 3, returned sorted
+        ((torch.tensor([[1.0, 0.5, -4.0, 5.0], [-1.0, 0.5, -4.0, -5.0]]), 2), [2, 3]),
+        # k = all: every index, in order
+        ((torch.tensor([[0.3, -0.1, 0.2]]), 3), [0, 1, 2]),
+    ]
+    check_function("keep_neurons", fn, cases,
+                   "score = a.abs().mean(0); keep = score.topk(k).indices; return keep.sort().values")
