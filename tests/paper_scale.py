@@ -37,7 +37,7 @@ TINY = dict(
     tiny_hidden=32, tiny_layers=1, pretrain_steps=2, pretrain_batch=2, draft_keep=[0], distill_steps=2,
     distill_batch=2, n_prompts=1, prompt_tokens=8, gammas=[2],
     small_keep=[0], tune_steps=2, tune_batch=4, max_new_tokens=4,
-    drop_layers=1,
+    drop_layers=1, sweep_tokens=256,
 )
 # seq_len is a training/perplexity window in most notebooks; notebook 06/07's training sequences
 # are short anyway. Per-notebook values where one name means different things:
