@@ -95,7 +95,7 @@ def test_hadamard_transform_equals_the_dense_product(n):
     torch.testing.assert_close(hadamard_transform(x), x @ hadamard(n, torch.float64) / n ** 0.5, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma", "phi3", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "opt"])
 @pytest.mark.parametrize("heads,online", [(True, True), (False, False)])
 def test_rotated_float_model_computes_the_same_logits(arch, heads, online):
     model, ids = make_tiny(arch), tiny_ids()
