@@ -147,6 +147,26 @@ def test_refusals_are_clear_and_change_nothing():
         rotate_(odd, RotationConfig())
     with pytest.raises(TypeError):
         RotationConfig(seed="0")
+    done = make_tiny("llama")
+    rotate_(done, RotationConfig())
+    before = copy.deepcopy(done.state_dict())
+    with pytest.raises(ValueError, match="already rotated"):
+        rotate_(done, RotationConfig())
+    assert all(torch.equal(v, done.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_deep_copy_keeps_its_own_online_hadamard():
+    from shrinklib.arch import blocks
+
+    model, ids = make_tiny("llama"), tiny_ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+        rotate_(model, RotationConfig())
+        twin = copy.deepcopy(model)
+        for b in blocks(twin):
+            b.online_hadamard.remove()
+        assert rel_err(model(ids).logits, ref) < ROT_TOL  # the original still transforms
+        assert rel_err(twin(ids).logits, ref) > 1e-2  # the copy no longer does
 
 
 def test_quantize_inputs_is_the_w8a8_layer_of_the_same_codes():

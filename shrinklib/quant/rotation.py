@@ -178,8 +178,9 @@ class OnlineHadamard:
     that layer and the block's forward hook detaches it."""
 
     def __init__(self, block: nn.Module, path: str):
-        self.path, self.handle = path, None
-        self.hooks = [block.register_forward_pre_hook(self.attach), block.register_forward_hook(self.detach)]
+        self.block, self.path, self.handle = block, path, None
+        block.register_forward_pre_hook(self.attach)
+        block.register_forward_hook(self.detach)
 
     def attach(self, block, args):
         layer = arch.get_path(block, self.path)
@@ -191,8 +192,10 @@ class OnlineHadamard:
         self.handle = None
 
     def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
+        """Take the transform off the block (found by owner, so a deep copy of the model removes its own)."""
+        for hooks in (self.block._forward_pre_hooks, self.block._forward_hooks):
+            for key in [k for k, f in hooks.items() if getattr(f, "__self__", None) is self]:
+                del hooks[key]
 
 
 @torch.no_grad()
@@ -226,6 +229,8 @@ def rotate_(model: nn.Module, config: RotationConfig) -> dict:
     d, hd, n = cfg.hidden_size, arch.head_dim(cfg), lay.mlp_width(cfg)
     for size in {d, n} | ({hd} if config.heads else set()):
         hadamard_factors(size)  # a clear error before anything changes
+    if any(hasattr(b, "online_hadamard") for b in lay.blocks(model)):
+        raise ValueError("rotate_: this model is already rotated (it has online Hadamard transforms)")
     fold_norms_(model, "rotate", what)
     rotate_residual_(model, random_hadamard(d, config.seed, torch.float64))
     if config.heads:
