@@ -98,6 +98,8 @@ ARCHS = {
         norm="rms1p", embed_scale=True, unsupported={
             "slicegpt": "its post-attention and post-feedforward RMSNorms scale each branch's output per channel after "
                         "normalising it, which does not commute with a rotation of the residual stream",
+            "rotate": "its post-attention and post-feedforward RMSNorms scale each branch's output per channel after "
+                      "normalising it, which does not commute with a rotation of the residual stream",
             "minitron_hidden": "its embedding output is scaled by √hidden_size and tied to the output head, so a "
                                "narrower stream changes the scale of the tied weights"}),
     "phi3": Arch("phi3", q=Proj("self_attn.qkv_proj", 0), k=Proj("self_attn.qkv_proj", 1), v=Proj("self_attn.qkv_proj", 2),
@@ -116,7 +118,7 @@ ARCHS = {
                     "convert_hf_to_gguf.py"}),
     "mixtral": Arch("mixtral", gate=None, up=Proj("mlp.experts"), down=Proj("mlp.experts"), unsupported={
         t: "its experts are fused 3-D parameters, not linear layers" for t in
-        ("slicegpt", "llm_pruner", "minitron_width", "minitron_hidden", "moe", "gguf", "fold")}),
+        ("slicegpt", "llm_pruner", "minitron_width", "minitron_hidden", "moe", "gguf", "fold", "rotate")}),
 }
 for _t in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"):
     ARCHS[_t].unsupported.setdefault(

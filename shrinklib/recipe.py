@@ -169,6 +169,10 @@ register("slicegpt", (prune.SliceGPTConfig,), lambda s, p: prune.slicegpt_(s.mod
          exportable=False)
 
 
+register("rotate", (quant.RotationConfig,), lambda s, p: quant.rotate_(s.model, p.parts[0]),
+         url="https://arxiv.org/abs/2404.00456", needs=lambda p: ("rotate",), exportable=False)
+
+
 QuantizeOptions = options_of(quant.quantize_, "pack", "backend", check=check_backend)
 
 

@@ -165,11 +165,15 @@ def _fold_into_readers_(norm: nn.Module, readers: list[nn.Module], offset: float
 
 
 @torch.no_grad()
-def fold_norms_(model: nn.Module) -> None:
+def fold_norms_(model: nn.Module, technique: str = "slicegpt", what: str = "SliceGPT") -> None:
     """Fold every norm's scale (and bias) into the linears that read it (norm weights become 1) and,
     for LayerNorm models, remove the mean from every writer and replace the LayerNorms by RMSNorms;
-    unties lm_head. The model computes the same function."""
-    lay = arch.require(model, "slicegpt", "SliceGPT")
+    unties lm_head. The model computes the same function.
+
+    Args:
+        technique, what: the `shrinklib.arch` technique the caller needs, and its name in the error.
+    """
+    lay = arch.require(model, technique, what)
     layer_norm, offset = lay.arch.norm == "layer", lay.norm_offset
     for b in lay.blocks(model):
         for path, readers in lay.readers(b).items():

@@ -23,14 +23,15 @@ import time
 from torch import Tensor, nn
 
 from ..checks import check_not_quantized
-from .apply import awq_, gptq_, gptq_step, quant_layers, rtn_, set_backend_, smoothquant_
+from .apply import awq_, gptq_, gptq_step, quant_layers, quantize_inputs_, rtn_, set_backend_, smoothquant_
 from .awq import awq_search_clip, awq_search_scale
 from .checkpoint import load_quantized, quantize_from_disk, save_quantized
-from .config import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
+from .config import AWQConfig, GPTQConfig, RotationConfig, RTNConfig, SmoothQuantConfig
 from .formats import (TABLES, QTensor, dequantize, dequantize_codes, int_params, quantize, quantize_codes,
                       quantize_rtn, quantize_weight, storage_grid)
 from .gptq import gptq_quantize
 from .qlinear import BACKENDS, QuantLinear, backend_class, pack_codes, unpack_codes
+from .rotation import hadamard, random_hadamard, rotate_
 from .smoothquant import W8A8Linear, quantize_activations, smooth_scales, w8a8_class
 
 # method -> (config class, paper URL)
@@ -84,4 +85,5 @@ __all__ = [
     "gptq_quantize", "gptq_step", "int_params", "load_quantized", "pack_codes", "quant_layers", "quantize", "quantize_",
     "quantize_codes", "quantize_from_disk", "quantize_rtn", "quantize_weight", "storage_grid", "rtn_", "save_quantized", "set_backend_", "smooth_scales",
     "smoothquant_", "unpack_codes", "quantize_activations", "w8a8_class",
+    "RotationConfig", "hadamard", "quantize_inputs_", "random_hadamard", "rotate_",
 ]

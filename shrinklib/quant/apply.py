@@ -200,6 +200,16 @@ def smoothquant_(model: nn.Module, calib_ids: Tensor | None, config: SmoothQuant
             set_module(block, path, cls.from_linear(lin, config.w_bits, config.a_bits, config.act_granularity))
 
 
+@torch.no_grad()
+def quantize_inputs_(model: nn.Module, a_bits: int = 8, act_granularity: str = "per_token") -> None:
+    """Add dynamic activation quantization to a weight-quantized model: every QuantLinear (a
+    symmetric per-channel grid, e.g. GPTQ with group_size=None, symmetric=True) becomes the
+    W8A8Linear of the same codes with `a_bits`-bit activations (W4A8, W4A4 ...)."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            set_module(model, name, W8A8Linear(m.qtensor(), m.bias, a_bits, act_granularity))
+
+
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
     """Every QuantLinear of a model by its full module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}

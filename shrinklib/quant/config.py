@@ -92,3 +92,17 @@ class SmoothQuantConfig:
                 raise ValueError(f"SmoothQuantConfig: {name} must be in 2..8, got {getattr(self, name)}")
         if self.act_granularity not in ("per_token", "per_tensor"):
             raise ValueError(f"SmoothQuantConfig: act_granularity must be 'per_token' or 'per_tensor', got {self.act_granularity!r}")
+
+
+@dataclass(frozen=True)
+class RotationConfig:
+    """QuaRot's rotation folded into a float model (Ashkboos et al. 2024): a seeded randomized
+    Hadamard of the residual stream, optionally each head's values and an online Hadamard before
+    every down projection."""
+
+    seed: int = 0  # signs of the randomized Hadamard H·diag(±1)/√d
+    heads: bool = True  # a Hadamard of the head dimension folded into v_proj rows and o_proj columns
+    online: bool = True  # an online Hadamard on the input of every down projection
+
+    def __post_init__(self):
+        check_fields(self)

@@ -16,10 +16,15 @@ import functools
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["hadamard", "random_hadamard", "sylvester", "paley", "hadamard_factors",
-           "is_hadamard"]
+from .. import arch
+from ..checks import check_not_quantized
+from ..prune.slicegpt import fold_norms_
+from .config import RotationConfig
+
+__all__ = ["hadamard", "random_hadamard", "sylvester", "paley", "hadamard_factors", "is_hadamard",
+           "hadamard_transform", "rotate_residual_", "rotate_heads_", "online_hadamard_", "rotate_"]
 
 
 def _is_prime(q: int) -> bool:
@@ -106,3 +111,130 @@ def is_hadamard(H: Tensor) -> bool:
     H = H.to(torch.float64)
     return (H.shape == (n, n) and bool((H.abs() == 1).all())
             and bool(torch.equal(H @ H.T, n * torch.eye(n, dtype=torch.float64))))
+
+
+def hadamard_transform(x: Tensor) -> Tensor:
+    """x · H/√n over the last dimension, H = hadamard(n) = H_(2^k) ⊗ H_m used as two small matmuls:
+    with X = x viewed (..., 2^k, m), x·(A ⊗ B) = Aᵀ X B. n(2^k + m) operations a row instead of n²."""
+    n = x.shape[-1]
+    m, k = hadamard_factors(n)
+    A = _hadamard64(1 << k).to(device=x.device, dtype=x.dtype)  # (2^k, 2^k), Sylvester: symmetric
+    B = _hadamard64(m).to(device=x.device, dtype=x.dtype)  # (m, m)
+    X = x.reshape(*x.shape[:-1], 1 << k, m)
+    return (A.T @ X @ B).reshape(x.shape) / math.sqrt(n)
+
+
+# ----------------------------------------------------------------------------- rotating a model
+
+
+@torch.no_grad()
+def _rows_(lin: nn.Module, R: Tensor, rows: slice = slice(None)) -> None:
+    """Output rows `rows` of a linear (and its bias) rotated: W[rows] ← Rᵀ W[rows], b[rows] ← b[rows] R."""
+    W = lin.weight.data
+    W[rows] = R.T.to(W.dtype) @ W[rows]
+    if getattr(lin, "bias", None) is not None:
+        lin.bias.data[rows] = lin.bias.data[rows] @ R.to(W.dtype)
+
+
+@torch.no_grad()
+def rotate_residual_(model: nn.Module, Q: Tensor) -> None:
+    """Rotate the residual stream by an orthogonal Q (d, d): x ↦ xQ everywhere (QuaRot).
+
+    The norms must be scale-free first (`fold_norms_`), so RMSNorm(xQ) = RMSNorm(x)Q. Writers of
+    the stream (embeddings, o and down) get Qᵀ on their outputs, readers (q, k, v, gate, up, head)
+    Q on their inputs: W_in ← W_in Q, W_out ← Qᵀ W_out, E ← E Q."""
+    lay = arch.layout(model)
+    for e in (lay.embed(model), lay.positions(model)):
+        if e is not None:
+            e.weight.data = e.weight.data @ Q.to(e.weight.dtype)  # (V, d)
+    for b in lay.blocks(model):
+        for lin in (x for r in lay.readers(b).values() for x in r):
+            lin.weight.data = lin.weight.data @ Q.to(lin.weight.dtype)  # (out, d)
+        for lin in lay.writers(b):
+            _rows_(lin, Q)  # (d, in)
+    head = model.get_output_embeddings()
+    head.weight.data = head.weight.data @ Q.to(head.weight.dtype)  # (V, d)
+
+
+@torch.no_grad()
+def rotate_heads_(model: nn.Module, Hh: Tensor) -> None:
+    """Each attention head's values rotated by an orthogonal Hh (hd, hd), undone in o_proj's columns:
+    attention mixes tokens, not a head's channels, so softmax(·)(V Hh) = (softmax(·) V) Hh (QuaRot's
+    offline Hadamard of W_v and W_out)."""
+    lay, cfg = arch.layout(model), model.config
+    hd = arch.head_dim(cfg)
+    for b in lay.blocks(model):
+        v, rows = arch.proj_slice(lay, b, cfg, "v")  # (kv·hd, d) rows of v (a part of a fused qkv)
+        for h in range(rows.start, rows.stop, hd):
+            _rows_(v, Hh, slice(h, h + hd))
+        o = arch.get_path(b, lay.arch.o.path)
+        W = o.weight.data  # (d, heads·hd)
+        o.weight.data = (W.reshape(W.shape[0], -1, hd) @ Hh.to(W.dtype)).reshape(W.shape)
+
+
+class OnlineHadamard:
+    """x ↦ x·H/√n on the input of the layer at `path` of a block, whatever layer sits there when the
+    block runs (a float, quantized or W8A8 linear): a block pre-hook attaches it, first in line, to
+    that layer and the block's forward hook detaches it."""
+
+    def __init__(self, block: nn.Module, path: str):
+        self.block, self.path, self.handle = block, path, None
+        block.register_forward_pre_hook(self.attach)
+        block.register_forward_hook(self.detach)
+
+    def attach(self, block, args):
+        layer = arch.get_path(block, self.path)
+        self.handle = layer.register_forward_pre_hook(lambda m, a: (hadamard_transform(a[0]), *a[1:]), prepend=True)
+
+    def detach(self, block, args, out):
+        if self.handle is not None:
+            self.handle.remove()
+        self.handle = None
+
+    def remove(self) -> None:
+        """Take the transform off the block (found by owner, so a deep copy of the model removes its own)."""
+        for hooks in (self.block._forward_pre_hooks, self.block._forward_hooks):
+            for key in [k for k, f in hooks.items() if getattr(f, "__self__", None) is self]:
+                del hooks[key]
+
+
+@torch.no_grad()
+def online_hadamard_(model: nn.Module) -> None:
+    """Fold M = H/√n (n = the MLP width) into every down projection's columns, W_down ← W_down M,
+    and apply x ↦ xM to its input at run time (an `OnlineHadamard`), so (xM)(W_down M)ᵀ = x W_downᵀ
+    (QuaRot: no norm precedes the down projection to absorb a rotation offline)."""
+    lay = arch.layout(model)
+    for b in lay.blocks(model):
+        if hasattr(b, "online_hadamard"):
+            raise ValueError("this model already has an online Hadamard before its down projections")
+        down = arch.get_path(b, lay.arch.down.path)
+        W = down.weight.data  # (d, n)
+        down.weight.data = hadamard_transform(W)  # W H/√n, row by row
+        b.online_hadamard = OnlineHadamard(b, lay.arch.down.path)
+
+
+@torch.no_grad()
+def rotate_(model: nn.Module, config: RotationConfig) -> dict:
+    """QuaRot's rotation of a float model, in place; the model computes the same function.
+
+    Norms folded into the linears that read them (the head is untied from a tied embedding), the
+    residual stream rotated by a seeded randomized Hadamard, each head's values by a Hadamard of
+    the head dimension, and an online Hadamard before each down projection. Returns the sizes used.
+    """
+    what = "rotating the residual stream (QuaRot, SpinQuant)"
+    lay = arch.require(model, "rotate", what)
+    check_not_quantized(model, "rotate_ (rotations are folded into float weights, before quantizing)")
+    cfg = model.config
+    tied = model.get_output_embeddings().weight is lay.embed(model).weight
+    d, hd, n = cfg.hidden_size, arch.head_dim(cfg), lay.mlp_width(cfg)
+    for size in {d, n} | ({hd} if config.heads else set()):
+        hadamard_factors(size)  # a clear error before anything changes
+    if any(hasattr(b, "online_hadamard") for b in lay.blocks(model)):
+        raise ValueError("rotate_: this model is already rotated (it has online Hadamard transforms)")
+    fold_norms_(model, "rotate", what)
+    rotate_residual_(model, random_hadamard(d, config.seed, torch.float64))
+    if config.heads:
+        rotate_heads_(model, hadamard(hd, torch.float64) / math.sqrt(hd))
+    if config.online:
+        online_hadamard_(model)
+    return {"hidden": d, "head_dim": hd, "mlp": n, "untied": tied}
