@@ -151,7 +151,7 @@ def test_bad_configs_are_refused(make, message):
         make()
 
 
-@pytest.mark.parametrize("method", ["mxfp8", "hqq", "gptaq", "autoround"])
+@pytest.mark.parametrize("method", ["mxfp8", "hqq", "gptaq", "autoround", "qat"])
 @pytest.mark.parametrize("name", __import__("archs").ARCH_NAMES)
 def test_every_architecture(name, method):
     """8-bit (MXFP8) or 8-bit g16 of every block linear on a tiny model of each architecture the
@@ -160,13 +160,13 @@ def test_every_architecture(name, method):
     from archs import make_tiny, tiny_ids
 
     from shrinklib import arch
-    from shrinklib.quant import MXConfig
+    from shrinklib.quant import MXConfig, QATConfig
 
     model, ids = make_tiny(name), tiny_ids()
     with torch.no_grad():
         ref = model(ids).logits
     config = {"mxfp8": MXConfig("mxfp8", block_size=16), "hqq": HQQConfig(8, 16), "gptaq": GPTAQConfig(8, 16),
-              "autoround": AutoRoundConfig(8, 16, steps=2, max_tokens=32)}[method]
+              "autoround": AutoRoundConfig(8, 16, steps=2, max_tokens=32), "qat": QATConfig(8, 16, steps=1)}[method]
     quantize_(model, config, tiny_ids(seed=1), progress=False)
     layers = [m for b in arch.blocks(model) for m in arch.linear_layers(b).values()]
     assert layers and all(isinstance(m, QuantLinear) for m in layers)

@@ -414,9 +414,10 @@ def test_a_failed_run_is_never_mistaken_for_a_finished_one(models, tmp_path, cap
     ({"gptaq": {"bits": 3, "group_size": 16}}, "GPTAQConfig(bits=3, group_size=16)"),
     ({"autoround": {"bits": 3, "group_size": 16, "steps": 2, "max_tokens": 32}},
      "AutoRoundConfig(bits=3, group_size=16, steps=2, max_tokens=32)"),
+    ({"qat": {"bits": 2, "group_size": 16, "steps": 2}}, "QATConfig(bits=2, group_size=16, steps=2)"),
 ])
 def test_number_format_and_rounding_steps_equal_the_library_calls(step, config):
-    """MX/NVFP4, HQQ, GPTAQ and AutoRound are recipe steps; each gives what quantize_ gives (the same
+    """MX/NVFP4, HQQ, GPTAQ, AutoRound and QAT are recipe steps; each gives what quantize_ gives (the same
     calibration batch for the methods that read one; none read for MX and HQQ)."""
     import copy
 

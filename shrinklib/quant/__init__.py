@@ -27,13 +27,15 @@ from .apply import awq_, gptq_, gptq_step, quant_layers, rtn_, set_backend_, smo
 from .awq import awq_search_clip, awq_search_scale
 from .checkpoint import load_quantized, quantize_from_disk, save_quantized
 from .autoround import autoround_, autoround_quantize
-from .config import AutoRoundConfig, AWQConfig, GPTAQConfig, GPTQConfig, HQQConfig, MXConfig, RTNConfig, SmoothQuantConfig
+from .config import (AutoRoundConfig, AWQConfig, GPTAQConfig, GPTQConfig, HQQConfig, MXConfig, QATConfig, RTNConfig,
+                     SmoothQuantConfig)
 from .formats import (TABLES, QTensor, dequantize, dequantize_codes, int_params, quantize, quantize_codes,
                       quantize_rtn, quantize_weight, storage_grid)
 from .gptaq import gptaq_, gptaq_quantize
 from .gptq import gptq_quantize
 from .hqq import hqq_, hqq_quantize
 from .mx import mx_, quantize_mx
+from .qat import FakeQuant, qat_
 from .qlinear import BACKENDS, QuantLinear, backend_class, pack_codes, unpack_codes
 from .smoothquant import W8A8Linear, quantize_activations, smooth_scales, w8a8_class
 
@@ -47,8 +49,9 @@ METHODS = {
     "hqq": (HQQConfig, "https://mobiusml.github.io/hqq_blog/"),
     "gptaq": (GPTAQConfig, "https://arxiv.org/abs/2504.02692"),
     "autoround": (AutoRoundConfig, "https://arxiv.org/abs/2309.05516"),
+    "qat": (QATConfig, "https://arxiv.org/abs/2305.17888"),
 }
-Config = RTNConfig | GPTQConfig | AWQConfig | SmoothQuantConfig | MXConfig | HQQConfig | GPTAQConfig | AutoRoundConfig
+Config = RTNConfig | GPTQConfig | AWQConfig | SmoothQuantConfig | MXConfig | HQQConfig | GPTAQConfig | AutoRoundConfig | QATConfig
 
 
 def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None, pack: bool = True, device=None,
@@ -56,8 +59,8 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
     """Quantize a model in place with the method its config names; returns the seconds it took.
 
     Args:
-        config: an RTNConfig, GPTQConfig, AWQConfig, SmoothQuantConfig, MXConfig, HQQConfig, GPTAQConfig or
-            AutoRoundConfig.
+        config: an RTNConfig, GPTQConfig, AWQConfig, SmoothQuantConfig, MXConfig, HQQConfig, GPTAQConfig,
+            AutoRoundConfig or QATConfig (QAT trains on the calibration windows).
         calib_ids: (n, L) calibration token ids (GPTQ, AWQ, SmoothQuant).
         pack: store weight-only results as QuantLinear (packed codes) instead of float weights.
         device: compute device for layer-wise calibration (default: the model's).
@@ -82,10 +85,11 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
         smoothquant_(model, calib_ids, config, device, progress)
     elif isinstance(config, (MXConfig, HQQConfig)):
         (mx_ if isinstance(config, MXConfig) else hqq_)(model, config, target, progress)
-    elif isinstance(config, (GPTAQConfig, AutoRoundConfig)):
+    elif isinstance(config, (GPTAQConfig, AutoRoundConfig, QATConfig)):
         if calib_ids is None:
             raise ValueError(f"{type(config).__name__} needs calib_ids, an (n, L) tensor of calibration token ids")
-        (gptaq_ if isinstance(config, GPTAQConfig) else autoround_)(model, calib_ids, config, target, device, progress)
+        fn = {GPTAQConfig: gptaq_, AutoRoundConfig: autoround_, QATConfig: qat_}[type(config)]
+        fn(model, calib_ids, config, target, device, progress)
     else:
         raise TypeError(f"unknown config {type(config).__name__}; use one of {[c.__name__ for c, _ in METHODS.values()]}")
     if pack and backend != "reference":
@@ -94,7 +98,7 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
 
 
 __all__ = [
-    "AutoRoundConfig", "GPTAQConfig", "HQQConfig", "MXConfig", "autoround_", "autoround_quantize", "gptaq_",
+    "AutoRoundConfig", "FakeQuant", "GPTAQConfig", "HQQConfig", "MXConfig", "QATConfig", "qat_", "autoround_", "autoround_quantize", "gptaq_",
     "gptaq_quantize", "hqq_", "hqq_quantize", "mx_", "quantize_mx",
     "AWQConfig", "BACKENDS", "GPTQConfig", "METHODS", "QTensor", "QuantLinear", "RTNConfig", "SmoothQuantConfig", "TABLES",
     "W8A8Linear", "awq_", "awq_search_clip", "awq_search_scale", "backend_class", "dequantize", "dequantize_codes", "gptq_",

@@ -166,3 +166,25 @@ class AutoRoundConfig:
         if self.steps < 0 or self.max_tokens < 1 or (self.lr is not None and self.lr <= 0):
             raise ValueError(f"AutoRoundConfig: need steps ≥ 0, max_tokens ≥ 1, lr > 0; got {self.steps}, "
                              f"{self.max_tokens}, {self.lr}")
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """Quantization-aware training with a straight-through estimator, then RTN (weight only)."""
+
+    bits: int = 2
+    group_size: int | None = 64
+    symmetric: bool = False
+    steps: int = 20  # optimizer steps on the calibration windows (0: plain RTN)
+    lr: float = 1e-5  # peak learning rate (AdamW, cosine decay)
+    batch_size: int = 4  # calibration sequences per step
+    seed: int = 0
+
+    def __post_init__(self):
+        check_fields(self)
+        _check_weight_grid("QATConfig", self.bits, self.group_size)
+        if self.group_size == "tensor":
+            raise ValueError("QATConfig: per-tensor grids are not supported; use an int group_size or None")
+        if self.steps < 0 or self.lr <= 0 or self.batch_size < 1:
+            raise ValueError(f"QATConfig: need steps ≥ 0, lr > 0, batch_size ≥ 1; got {self.steps}, {self.lr}, "
+                             f"{self.batch_size}")
