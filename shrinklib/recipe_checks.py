@@ -220,7 +220,7 @@ def q4_grid_after(p: Params, earlier: list[tuple[int, str, Params]]) -> None:
     if bits > 4 or not isinstance(g, int) or g % 32 or getattr(q, "fmt", "int") != "int":
         raise ValueError(f"fmt {p.fmt} needs blocks of 32 on a ≤ 4-bit integer grid, but step {j} '{qname}' uses "
                          f"bits={bits}, group_size={g}; use a group size that is a multiple of 32, or fmt Q8_0/F16")
-    if p.fmt == "Q4_0" and not q.symmetric:
+    if p.fmt == "Q4_0" and not getattr(q, "symmetric", False):
         raise ValueError(f"Q4_0 is symmetric (w = d·(q−8)) but step {j} '{qname}' has symmetric: false; use Q4_1 or "
                          "symmetric: true")
 

@@ -406,3 +406,34 @@ def test_a_failed_run_is_never_mistaken_for_a_finished_one(models, tmp_path, cap
     assert (failed / "fp32" / "model.safetensors").is_file() and not (failed / "q4").exists()
     assert [r["step"] for r in json.loads((failed / "summary.json").read_text())] == ["input", "export_safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.failed", "r.yaml"]  # no temporaries
+
+
+@pytest.mark.parametrize("step, config", [
+    ({"mx": {"fmt": "nvfp4"}}, "MXConfig('nvfp4')"),
+    ({"hqq": {"bits": 3, "group_size": 16}}, "HQQConfig(bits=3, group_size=16)"),
+    ({"gptaq": {"bits": 3, "group_size": 16}}, "GPTAQConfig(bits=3, group_size=16)"),
+    ({"autoround": {"bits": 3, "group_size": 16, "steps": 2, "max_tokens": 32}},
+     "AutoRoundConfig(bits=3, group_size=16, steps=2, max_tokens=32)"),
+    ({"qat": {"bits": 2, "group_size": 16, "steps": 2}}, "QATConfig(bits=2, group_size=16, steps=2)"),
+])
+def test_number_format_and_rounding_steps_equal_the_library_calls(step, config):
+    """MX/NVFP4, HQQ, GPTAQ, AutoRound and QAT are recipe steps; each gives what quantize_ gives (the same
+    calibration batch for the methods that read one; none read for MX and HQQ)."""
+    import copy
+
+    from common import make_picollama
+
+    from shrinklib import quant
+    from shrinklib.data import calibration_batch
+    from shrinklib.recipe import STEPS, apply_recipe
+
+    name = next(iter(step))
+    model, tok, corpus = make_picollama(), CharTokenizer(), toy_corpus()
+    expected = copy.deepcopy(model)
+    apply_recipe(toy_recipe(step), model, tok, corpus=corpus)
+    config = eval(config, vars(quant))
+    calibration_free = isinstance(config, (quant.MXConfig, quant.HQQConfig))
+    assert STEPS[name].reads(parse_recipe({"steps": [step]}).steps[0][1]) == (() if calibration_free else ("calib",))
+    quant.quantize_(expected, config, None if calibration_free else calibration_batch(corpus, tok, 4, 32, seed=1),
+                    progress=False)
+    assert_same_logits(model, expected)

@@ -26,10 +26,16 @@ from ..checks import check_not_quantized
 from .apply import awq_, gptq_, gptq_step, quant_layers, quantize_inputs_, rtn_, set_backend_, smoothquant_
 from .awq import awq_search_clip, awq_search_scale
 from .checkpoint import load_quantized, quantize_from_disk, save_quantized
-from .config import AWQConfig, GPTQConfig, RotationConfig, RTNConfig, SmoothQuantConfig
+from .autoround import autoround_, autoround_quantize
+from .config import (AutoRoundConfig, AWQConfig, GPTAQConfig, GPTQConfig, HQQConfig, MXConfig, QATConfig, RotationConfig,
+                     RTNConfig, SmoothQuantConfig)
 from .formats import (TABLES, QTensor, dequantize, dequantize_codes, int_params, quantize, quantize_codes,
                       quantize_rtn, quantize_weight, storage_grid)
+from .gptaq import gptaq_, gptaq_quantize
 from .gptq import gptq_quantize
+from .hqq import hqq_, hqq_quantize
+from .mx import mx_, quantize_mx
+from .qat import FakeQuant, qat_
 from .qlinear import BACKENDS, QuantLinear, backend_class, pack_codes, unpack_codes
 from .rotation import hadamard, random_hadamard, rotate_
 from .smoothquant import W8A8Linear, quantize_activations, smooth_scales, w8a8_class
@@ -40,8 +46,13 @@ METHODS = {
     "gptq": (GPTQConfig, "https://arxiv.org/abs/2210.17323"),
     "awq": (AWQConfig, "https://arxiv.org/abs/2306.00978"),
     "smoothquant": (SmoothQuantConfig, "https://arxiv.org/abs/2211.10438"),
+    "mx": (MXConfig, "https://www.opencompute.org/documents/ocp-microscaling-formats-mx-v1-0-spec-final-pdf"),
+    "hqq": (HQQConfig, "https://mobiusml.github.io/hqq_blog/"),
+    "gptaq": (GPTAQConfig, "https://arxiv.org/abs/2504.02692"),
+    "autoround": (AutoRoundConfig, "https://arxiv.org/abs/2309.05516"),
+    "qat": (QATConfig, "https://arxiv.org/abs/2305.17888"),
 }
-Config = RTNConfig | GPTQConfig | AWQConfig | SmoothQuantConfig
+Config = RTNConfig | GPTQConfig | AWQConfig | SmoothQuantConfig | MXConfig | HQQConfig | GPTAQConfig | AutoRoundConfig | QATConfig
 
 
 def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None, pack: bool = True, device=None,
@@ -49,7 +60,8 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
     """Quantize a model in place with the method its config names; returns the seconds it took.
 
     Args:
-        config: an RTNConfig, GPTQConfig, AWQConfig or SmoothQuantConfig.
+        config: an RTNConfig, GPTQConfig, AWQConfig, SmoothQuantConfig, MXConfig, HQQConfig, GPTAQConfig,
+            AutoRoundConfig or QATConfig (QAT trains on the calibration windows).
         calib_ids: (n, L) calibration token ids (GPTQ, AWQ, SmoothQuant).
         pack: store weight-only results as QuantLinear (packed codes) instead of float weights.
         device: compute device for layer-wise calibration (default: the model's).
@@ -72,6 +84,13 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
         (gptq_ if isinstance(config, GPTQConfig) else awq_)(model, calib_ids, config, target, device, progress)
     elif isinstance(config, SmoothQuantConfig):
         smoothquant_(model, calib_ids, config, device, progress)
+    elif isinstance(config, (MXConfig, HQQConfig)):
+        (mx_ if isinstance(config, MXConfig) else hqq_)(model, config, target, progress)
+    elif isinstance(config, (GPTAQConfig, AutoRoundConfig, QATConfig)):
+        if calib_ids is None:
+            raise ValueError(f"{type(config).__name__} needs calib_ids, an (n, L) tensor of calibration token ids")
+        fn = {GPTAQConfig: gptaq_, AutoRoundConfig: autoround_, QATConfig: qat_}[type(config)]
+        fn(model, calib_ids, config, target, device, progress)
     else:
         raise TypeError(f"unknown config {type(config).__name__}; use one of {[c.__name__ for c, _ in METHODS.values()]}")
     if pack and backend != "reference":
@@ -80,6 +99,8 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
 
 
 __all__ = [
+    "AutoRoundConfig", "FakeQuant", "GPTAQConfig", "HQQConfig", "MXConfig", "QATConfig", "qat_", "autoround_", "autoround_quantize", "gptaq_",
+    "gptaq_quantize", "hqq_", "hqq_quantize", "mx_", "quantize_mx",
     "AWQConfig", "BACKENDS", "GPTQConfig", "METHODS", "QTensor", "QuantLinear", "RTNConfig", "SmoothQuantConfig", "TABLES",
     "W8A8Linear", "awq_", "awq_search_clip", "awq_search_scale", "backend_class", "dequantize", "dequantize_codes", "gptq_",
     "gptq_quantize", "gptq_step", "int_params", "load_quantized", "pack_codes", "quant_layers", "quantize", "quantize_",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checks import check_fields
-from .formats import TABLES
+from .formats import MX_FORMATS, TABLES
 
 
 def _check_weight_grid(name: str, bits: int, group_size, fmt: str = "int") -> None:
@@ -106,3 +106,99 @@ class RotationConfig:
 
     def __post_init__(self):
         check_fields(self)
+
+
+@dataclass(frozen=True)
+class MXConfig:
+    """Microscaling formats, round to nearest: MXFP4, MXFP8 (OCP MX v1.0, 2023) and NVFP4 (NVIDIA, 2025)."""
+
+    fmt: str = "mxfp4"  # "mxfp4", "mxfp8" or "nvfp4"
+    block_size: int | None = None  # elements per scale; None: the format's own (32, 32, 16)
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.fmt not in MX_FORMATS:
+            raise ValueError(f"MXConfig: unknown fmt {self.fmt!r}; use one of {list(MX_FORMATS)}")
+        if self.block_size is not None and self.block_size <= 0:
+            raise ValueError(f"MXConfig: block_size must be positive or None, got {self.block_size}")
+
+
+@dataclass(frozen=True)
+class HQQConfig:
+    """HQQ, calibration-free half-quadratic zero-point search (Badri & Shaji 2023)."""
+
+    bits: int = 4
+    group_size: int | None = 64
+    p: float = 0.7  # the l_p norm of the weight error (p < 1 promotes sparse errors)
+    beta: float = 10.0  # initial penalty β
+    kappa: float = 1.01  # β ← κβ each iteration
+    iters: int = 20
+
+    def __post_init__(self):
+        check_fields(self)
+        _check_weight_grid("HQQConfig", self.bits, self.group_size)
+        if self.group_size == "tensor":
+            raise ValueError("HQQConfig: per-tensor grids are not supported; use an int group_size or None")
+        if not 0 < self.p <= 2 or self.beta <= 0 or self.kappa < 1 or self.iters < 0:
+            raise ValueError(f"HQQConfig: need 0 < p ≤ 2, beta > 0, kappa ≥ 1, iters ≥ 0; got {self.p}, {self.beta}, "
+                             f"{self.kappa}, {self.iters}")
+
+
+@dataclass(frozen=True)
+class GPTAQConfig:
+    """GPTAQ: GPTQ with asymmetric calibration against the float model's inputs (Li et al. 2025)."""
+
+    bits: int = 4
+    group_size: int | None = 64
+    symmetric: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    alpha: float = 0.25  # weight of the asymmetry term (the authors' default; 1 = exact least squares)
+
+    def __post_init__(self):
+        check_fields(self)
+        GPTQConfig(self.bits, self.group_size, self.symmetric, self.damp, self.block_size)  # the same checks
+        if self.alpha < 0:
+            raise ValueError(f"GPTAQConfig: alpha must be ≥ 0, got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class AutoRoundConfig:
+    """AutoRound-style learned rounding and clipping by signed gradient descent (Cheng et al. 2023)."""
+
+    bits: int = 3
+    group_size: int | None = 64
+    steps: int = 50  # sign-SGD steps per linear
+    lr: float | None = None  # None: 1 / steps, decayed linearly
+    max_tokens: int = 512  # calibration tokens per linear
+
+    def __post_init__(self):
+        check_fields(self)
+        _check_weight_grid("AutoRoundConfig", self.bits, self.group_size)
+        if self.group_size == "tensor":
+            raise ValueError("AutoRoundConfig: per-tensor grids are not supported; use an int group_size or None")
+        if self.steps < 0 or self.max_tokens < 1 or (self.lr is not None and self.lr <= 0):
+            raise ValueError(f"AutoRoundConfig: need steps ≥ 0, max_tokens ≥ 1, lr > 0; got {self.steps}, "
+                             f"{self.max_tokens}, {self.lr}")
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """Quantization-aware training with a straight-through estimator, then RTN (weight only)."""
+
+    bits: int = 2
+    group_size: int | None = 64
+    symmetric: bool = False
+    steps: int = 20  # optimizer steps on the calibration windows (0: plain RTN)
+    lr: float = 1e-5  # peak learning rate (AdamW, cosine decay)
+    batch_size: int = 4  # calibration sequences per step
+    seed: int = 0
+
+    def __post_init__(self):
+        check_fields(self)
+        _check_weight_grid("QATConfig", self.bits, self.group_size)
+        if self.group_size == "tensor":
+            raise ValueError("QATConfig: per-tensor grids are not supported; use an int group_size or None")
+        if self.steps < 0 or self.lr <= 0 or self.batch_size < 1:
+            raise ValueError(f"QATConfig: need steps ≥ 0, lr > 0, batch_size ≥ 1; got {self.steps}, {self.lr}, "
+                             f"{self.batch_size}")

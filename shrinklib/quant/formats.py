@@ -27,6 +27,11 @@ Non-uniform formats (NF4, FP4 e2m1, FP8 e4m3/e5m2) are value tables: `table(fmt)
 sorted table divided by its largest magnitude, a group's scale is its absmax (so it stays in
 float16's normal range even for FP8 e5m2, whose table reaches 57344), and each weight rounds
 to the nearest table value (codes index the sorted table).
+
+Microscaling formats ("mxfp4", "mxfp8", "nvfp4"; see `mx`) use the same fields with the formats'
+own semantics: codes are the elements' bit patterns, scales the decoded block scales (powers of
+two, or FP8 E4M3 values times the per-tensor `global_scale`), zeros 0; a layer stores their 8-bit
+scale codes (`QTensor.scale_fmt` says which), not float16.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ FP4_E2M1_VALUES = _fp_values(2, 1, bias=1)  # ±{0, 0.5, 1, 1.5, 2, 3, 4, 6} (OC
 FP8_E4M3_VALUES = _fp_values(4, 3, bias=7, max_value=448.0)  # OCP FP8 E4M3 (no inf; max 448)
 FP8_E5M2_VALUES = _fp_values(5, 2, bias=15, max_value=57344.0)  # IEEE-like E5M2 (max 57344)
 TABLES = {"nf4": NF4_VALUES, "fp4": FP4_E2M1_VALUES, "fp8_e4m3": FP8_E4M3_VALUES, "fp8_e5m2": FP8_E5M2_VALUES}
+MX_FORMATS = ("mxfp4", "mxfp8", "nvfp4")  # microscaling formats: codes are the elements' bits (see `mx`)
 
 
 def table(fmt: str) -> Tensor:
@@ -78,11 +84,19 @@ class QTensor:
     """A quantized weight: codes, per-group scales and zeros, and how to read them back."""
 
     q: Tensor  # uint8 (out, in)
-    scales: Tensor  # float32 (out, n_groups), float16-exact
+    scales: Tensor  # float32 (out, n_groups), float16-exact (microscaling formats: see `scale_fmt`)
     zeros: Tensor  # float32 (out, n_groups), s·z float16-exact; 0 for table formats
     group_size: int  # columns per group (the last group may be shorter)
-    fmt: str  # "int" or a key of TABLES
+    fmt: str  # "int", a key of TABLES, or a microscaling format ("mxfp4", "mxfp8", "nvfp4"; see `mx`)
     bits: int
+    global_scale: float = 1.0  # NVFP4's per-tensor FP32 scale (1.0 for every other format)
+
+    @property
+    def scale_fmt(self) -> str:
+        """How the scales are stored: "fp16" (float16 s and s·z), "e8m0" (powers of two) or "e4m3"."""
+        from .mx import SCALE_FORMATS
+
+        return SCALE_FORMATS.get(self.fmt, "fp16")
 
     def dequantize(self) -> Tensor:
         return dequantize(self)
@@ -179,7 +193,8 @@ def quantize(W: Tensor, fmt: str = "int", bits: int = 4, group_size: GroupSize =
     """Quantize a weight matrix W (out, in) by rounding to nearest.
 
     Args:
-        fmt: "int" (integer grid of `bits`) or "nf4", "fp4", "fp8_e4m3", "fp8_e5m2".
+        fmt: "int" (integer grid of `bits`), "nf4", "fp4", "fp8_e4m3", "fp8_e5m2", or a microscaling
+            format "mxfp4", "mxfp8", "nvfp4" (`mx.quantize_mx`; group_size is its block size).
         bits: 2..8 for "int" (ignored otherwise).
         group_size: columns per group, None (per channel) or "tensor" (one scale for all).
         symmetric: absmax grid (True) or min-max zero-point grid (False); "int" only.
@@ -187,6 +202,10 @@ def quantize(W: Tensor, fmt: str = "int", bits: int = 4, group_size: GroupSize =
     """
     if W.dim() != 2:
         raise ValueError(f"expected a 2-D weight (out, in), got shape {tuple(W.shape)}")
+    if fmt in MX_FORMATS:
+        from .mx import quantize_mx
+
+        return quantize_mx(W, fmt, group_size)
     per_tensor = group_size == "tensor"
     work = W.reshape(1, -1) if per_tensor else W  # per-tensor = one group over everything
     g = resolve_group_size(group_size, work.shape[1])
@@ -211,6 +230,10 @@ def quantize(W: Tensor, fmt: str = "int", bits: int = 4, group_size: GroupSize =
 
 def dequantize(qt: QTensor) -> Tensor:
     """The float32 weight a QTensor stands for."""
+    if qt.fmt in MX_FORMATS:
+        from .mx import dequantize_mx
+
+        return dequantize_mx(qt)
     if qt.fmt == "int":
         q = qt.q if qt.scales.shape[0] == qt.q.shape[0] else qt.q.reshape(1, -1)
         return dequantize_codes(q, qt.scales, qt.zeros, qt.group_size).reshape(qt.q.shape)

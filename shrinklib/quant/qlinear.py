@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .formats import QTensor, dequantize, quantize
+from .formats import MX_FORMATS, QTensor, dequantize, quantize
+from .mx import decode_scales, encode_scales
 
 
 def pack_codes(q: Tensor, bits: int) -> Tensor:
@@ -105,12 +106,21 @@ class QuantLinear(nn.Module):
     def pack_(self, qt: QTensor) -> None:
         """Store qt in this backend's layout (buffers)."""
         self.register_buffer("qweight", pack_codes(qt.q, qt.bits))
+        if qt.fmt in MX_FORMATS:  # 8-bit scale codes (E8M0 or E4M3); NVFP4 adds its FP32 tensor scale
+            self.register_buffer("scales", encode_scales(qt))
+            if qt.fmt == "nvfp4":
+                self.register_buffer("global_scale", torch.tensor([qt.global_scale], dtype=torch.float32))
+            return
         self.register_buffer("scales", qt.scales.to(torch.float16))
         self.register_buffer("szeros", (qt.scales * qt.zeros).to(torch.float16))
 
     def qtensor(self) -> QTensor:
         """The representation this layer stores (exactly the quantizer's output)."""
         q = unpack_codes(self.qweight, self.bits, self.in_features)
+        if self.fmt in MX_FORMATS:
+            s = decode_scales(self.scales, self.fmt)
+            gs = self.global_scale.item() if self.fmt == "nvfp4" else 1.0
+            return QTensor(q, s, torch.zeros_like(s), self.group_size, self.fmt, self.bits, gs)
         s = self.scales.float()
         return QTensor(q, s, self.szeros.float() / s, self.group_size, self.fmt, self.bits)
 
@@ -126,8 +136,8 @@ class QuantLinear(nn.Module):
     def _weight_cached(self) -> Tensor:
         """The dequantized weight, recomputed only when a buffer changed (a runtime cache,
         not part of the state dict, so sizes count the packed form)."""
-        key = (self.qweight._version, self.scales._version, self.szeros._version, self.qweight.data_ptr(),
-               self.qweight.device)
+        key = tuple(b._version for b in self._buffers.values() if b is not None) + (self.qweight.data_ptr(),
+                                                                                   self.qweight.device)
         if getattr(self, "_cache_key", None) != key:
             self._cache, self._cache_key = self.dequantized_weight(), key
         return self._cache
