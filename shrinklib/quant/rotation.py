@@ -2,7 +2,7 @@
 
 Hadamard matrices of the sizes models need, built from Paley's constructions and Sylvester's
 doubling, so no table is typed in:
-- Paley I: q prime, q ≡ 3 (mod 4) gives order q + 1 (12 from 11, 20 from 19, 28 from 27...);
+- Paley I: q prime, q ≡ 3 (mod 4) gives order q + 1 (12 from 11, 20 from 19, 24 from 23...);
 - Paley II: q prime, q ≡ 1 (mod 4) gives order 2(q + 1) (36 from 17, 28 from 13...);
 - Sylvester: H_2n = [[H_n, H_n], [H_n, -H_n]] = H_2 ⊗ H_n.
 So n = 2^k · m with m in {1, 2} or m a Paley order: 64 = 2^6, 576 = 16 · 36, 1536 = 128 · 12.
