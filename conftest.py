@@ -33,6 +33,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # Default-run seconds of each notebook on a 2-core x86 machine, one thread (the order matters,
 # not the figures); a notebook missing here is scheduled first.
 NOTEBOOK_SECONDS = {
+    "14_number_formats": 250,
+    "15_kv_cache_quantization": 200,
     "12_compression_frontier": 170,
     "02_post_training_quantization": 165,
     "08_model_merging": 160,
@@ -43,6 +45,7 @@ NOTEBOOK_SECONDS = {
     "05_structured_pruning": 125,
     "11_proxy_tuning": 120,
     "06_knowledge_distillation": 115,
+    "13_rotations": 110,
     "09_mixture_of_experts": 100,
     "01_quantization_basics": 90,
     "00_baseline": 60,
