@@ -1,9 +1,14 @@
-"""Small LLMs: the TinyLlama architecture from its config, compute estimates (6·N·D), and
-pretraining throughput with model FLOP utilisation (MFU) against this machine's peak.
+"""Small LLMs: the TinyLlama architecture from its config, compute estimates (6·N·D, Kaplan et
+al. 2020), the compute-optimal token count (≈ 20·N, Hoffmann et al. 2022), pretraining past it,
+and throughput with model FLOP utilisation (MFU) against this machine's peak.
 
 TinyLlama (Zhang et al. 2024, https://arxiv.org/abs/2401.02385) is a Llama-2-shaped 1.1B
 model: grouped-query attention (32 query heads share 4 key/value heads), rotary position
-embeddings, a SwiGLU MLP and RMSNorm, pretrained on 3T tokens on 16 A100-40G in 90 days.
+embeddings, a SwiGLU MLP and RMSNorm, pretrained on about 1T tokens for about 3 epochs (3T
+tokens seen; 16 A100-40G for 90 days by the project's README): about 2,700 tokens per
+parameter, over 100 times the compute-optimal 20 (Hoffmann et al. 2022,
+https://arxiv.org/abs/2203.15556), because a small model trained longer keeps improving and is
+cheap to run.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ class PretrainingRun:
 
 
 TINYLLAMA_RUN = PretrainingRun("TinyLlama-1.1B", 1.1e9, 3e12, 16, 90, A100_BF16_PEAK,
-                               "TinyLlama, arXiv 2401.02385, Sec. 2 and the project README")
+                               "TinyLlama, arXiv 2401.02385, abstract (~1T tokens, ~3 epochs) and the project README "
+                               "(3T tokens, 16 A100-40G, 90 days)")
 
 
 def tinyllama_config(**overrides) -> LlamaConfig:
@@ -73,8 +79,20 @@ def count_params_config(config) -> int:
 
 
 def training_flops(n_params: float, n_tokens: float) -> float:
-    """C ≈ 6·N·D: forward 2·N and backward 4·N FLOPs per token (Kaplan et al. 2020)."""
+    """C ≈ 6·N·D: forward 2·N and backward 4·N FLOPs per token (Kaplan et al. 2020,
+    https://arxiv.org/abs/2001.08361, Sec. 2.1; Hoffmann et al. 2022 use the same estimate)."""
     return 6.0 * n_params * n_tokens
+
+
+# Hoffmann et al. 2022 (Chinchilla), Table 3: a compute-optimal 1B-parameter model trains on 20.2B tokens;
+# Chinchilla itself, 70B parameters on 1.4T tokens (Table 1): about 20 tokens per parameter.
+CHINCHILLA_TOKENS_PER_PARAM = 20
+
+
+def chinchilla_tokens(n_params: float) -> float:
+    """Compute-optimal training tokens D ≈ 20·N (Hoffmann et al. 2022, Table 3): where a fixed compute
+    budget is best spent, not where a model of N parameters stops improving."""
+    return CHINCHILLA_TOKENS_PER_PARAM * n_params
 
 
 def flops_per_token(config: LlamaConfig, seq_len: int, n_params: int | None = None) -> float:
@@ -134,13 +152,14 @@ class PretrainReport:
     seconds: float  # wall-clock of the whole loop
 
 
-def pretrain(model, ids: torch.Tensor, batch_size: int, seq_len: int, config=None) -> PretrainReport:
+def pretrain(model, ids: torch.Tensor, batch_size: int, seq_len: int, config=None, eval_fn=None) -> PretrainReport:
     """Pretrain `model` from scratch on random windows of a 1-D id tensor with the suite's
     training loop (next-token cross-entropy); times the loop for tokens/s and MFU.
 
     Args:
         ids: (N,) token ids, e.g. `corpus.tokens(tok, "train")`.
         config: a `shrinklib.train.TrainConfig` (steps, lr, warm-up, seed).
+        eval_fn: passed to `train` (called every `config.eval_every` steps and at the end).
     """
     from .data import sample_windows
     from .train import TrainConfig, train
@@ -152,9 +171,66 @@ def pretrain(model, ids: torch.Tensor, batch_size: int, seq_len: int, config=Non
         return {"input_ids": x, "labels": x}
 
     t = time.perf_counter()
-    history = train(model, next_batch, config=config)
+    history = train(model, next_batch, config=config, eval_fn=eval_fn)
     seconds = time.perf_counter() - t
     return PretrainReport(history, config.steps * config.grad_accum * batch_size * seq_len, seconds)
+
+
+def char_vocabulary(text: str) -> str:
+    """The distinct characters of a text, sorted: character vocabulary[i] has id i, and id
+    len(vocabulary) stands for any character the text did not contain."""
+    return "".join(sorted(set(text)))
+
+
+def encode_chars(text: str, vocabulary: str) -> torch.Tensor:
+    """Character ids of a text, (len(text),); unseen characters get id len(vocabulary)."""
+    index = {c: i for i, c in enumerate(vocabulary)}
+    return torch.tensor([index.get(c, len(vocabulary)) for c in text], dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class PretrainRun:
+    """One pretraining run from scratch: its token budget and held-out loss along the way."""
+
+    n_tokens: int  # training tokens of the whole run
+    curve: list  # (tokens seen, held-out loss in nats/token) at every evaluation
+    report: PretrainReport
+    model: LlamaForCausalLM  # the trained model
+
+    @property
+    def final_loss(self) -> float:
+        return self.curve[-1][1]
+
+
+def pretrain_for_tokens(config: LlamaConfig, train_ids: torch.Tensor, eval_ids: torch.Tensor, n_tokens: float,
+                        batch_size: int, seq_len: int, lr: float, seed: int = 0, evals: int = 1,
+                        device: str | torch.device = "cpu") -> PretrainRun:
+    """Pretrain a fresh model of `config` on about `n_tokens` tokens (whole steps of batch_size ×
+    seq_len) with a cosine schedule fitted to that budget, measuring the held-out loss `evals` times
+    (evenly spaced, the last at the end).
+
+    A run's own schedule matters: midway through a longer run the loss is higher than a run of that
+    length reaches (Hoffmann et al. 2022, Sec. 3.1 and Fig. A1), so each budget is its own run.
+
+    Args:
+        train_ids, eval_ids: 1-D token ids (training text, held-out text).
+    """
+    from .evaluate import perplexity
+    from .train import TrainConfig
+
+    if n_tokens < batch_size * seq_len or evals < 1:
+        raise ValueError(f"need n_tokens ≥ one batch ({batch_size * seq_len}) and evals ≥ 1, got {n_tokens}, {evals}")
+    steps = round(n_tokens / (batch_size * seq_len))
+    model = build_model(config, device, seed=seed)
+
+    def eval_fn(m):
+        return {"eval_loss": perplexity(m, eval_ids, seq_len=seq_len, max_tokens=None, progress=False).nll}
+
+    every = max(1, steps // evals) if evals > 1 else 0
+    report = pretrain(model, train_ids.to(device), batch_size, seq_len, TrainConfig(
+        steps=steps, lr=lr, warmup_steps=max(1, steps // 20), seed=seed, progress=False, eval_every=every), eval_fn)
+    curve = [(h["step"] * batch_size * seq_len, h["eval_loss"]) for h in report.history if "eval_loss" in h]
+    return PretrainRun(steps * batch_size * seq_len, curve, report, model.eval())
 
 
 def depth_pruned(model, keep: list[int]):

@@ -44,7 +44,7 @@ TINY = dict(
 PER_NOTEBOOK = {
     "06_knowledge_distillation": dict(seq_len=32),
     "07_minitron_prune_and_distill": dict(seq_len=32),
-    "10_small_llms": dict(seq_len=32),
+    "10_small_llms": dict(seq_len=32, tiny_hidden=8, pretrain_batch=32, past_optimal=2, eval_chars=2048, sampling_draws=50),
 }
 
 # notebook -> what it still needs to run on another model (strict xfail: remove the entry once it runs)

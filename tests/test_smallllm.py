@@ -6,8 +6,9 @@ from common import random_ids
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from shrinklib.smallllm import (
-    TINYLLAMA_1B_PARAMS, TINYLLAMA_RUN, build_model, count_params_config, days_on, depth_pruned, flops_per_token,
-    implied_mfu, measure_matmul_peak, pretrain, throughput, tinyllama_config, training_flops,
+    TINYLLAMA_1B_PARAMS, TINYLLAMA_RUN, build_model, char_vocabulary, chinchilla_tokens, count_params_config, days_on,
+    depth_pruned, encode_chars, flops_per_token, implied_mfu, measure_matmul_peak, pretrain, pretrain_for_tokens, throughput,
+    tinyllama_config, training_flops,
 )
 from shrinklib.train import TrainConfig
 
@@ -94,3 +95,29 @@ def test_depth_pruned_keeps_chosen_blocks():
     with pytest.raises(ValueError):
         depth_pruned(m, [0, 3])
     assert math.isfinite(small(x).logits.sum().item())
+
+
+def test_chinchilla_tokens_and_tinyllamas_ratio():
+    assert chinchilla_tokens(1e9) == 20e9  # Hoffmann et al. Table 3: 1B parameters, 20.2B tokens
+    assert 2600 < TINYLLAMA_RUN.n_tokens / TINYLLAMA_RUN.n_params < 2800  # ~136× the compute-optimal 20
+
+
+def test_characters_round_trip_and_unseen_ones_share_one_id():
+    vocab = char_vocabulary("abracadabra")
+    assert vocab == "abcdr"
+    assert encode_chars("cab", vocab).tolist() == [2, 0, 1]
+    assert encode_chars("az!", vocab).tolist() == [0, 5, 5]
+
+
+def test_pretraining_for_a_token_budget_lowers_held_out_loss_and_longer_is_better():
+    text = "the quick brown fox jumps over the lazy dog. " * 200
+    vocab = char_vocabulary(text)
+    ids = encode_chars(text, vocab)
+    cfg = tinyllama_config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, vocab_size=len(vocab) + 1, max_position_embeddings=32)
+    short = pretrain_for_tokens(cfg, ids[:6000], ids[6000:7000], 8 * 32 * 10, 8, 32, 1e-2, evals=1)
+    long = pretrain_for_tokens(cfg, ids[:6000], ids[6000:7000], 8 * 32 * 60, 8, 32, 1e-2, evals=3)
+    assert short.n_tokens == 2560 and long.n_tokens == 15360 and len(long.curve) == 3 and long.curve[-1][0] == 15360
+    assert long.final_loss < short.final_loss < math.log(len(vocab) + 1)  # below a uniform guess, and longer helps
+    with pytest.raises(ValueError, match="one batch"):
+        pretrain_for_tokens(cfg, ids, ids, 10, 8, 32, 1e-2)

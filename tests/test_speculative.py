@@ -5,8 +5,9 @@ from scipy.stats import chisquare
 from transformers import DynamicCache
 
 from shrinklib.speculative import (
-    accept_draft, assisted_generate, crop_cache, expected_tokens_per_call, greedy_generate, probs_from_logits,
-    speculative_generate, speedup_table,
+    PromptLookupDraft, accept_draft, accept_greedy, assisted_generate, chi_square_pvalue, continuation_counts,
+    continuation_law, crop_cache, expected_speedup, expected_tokens_per_call, greedy_generate, lookup_continuation,
+    probs_from_logits, quantized_draft, speculative_generate, speedup_table,
 )
 
 
@@ -123,9 +124,107 @@ def test_expected_tokens_per_call():
 
 def test_speedup_table_rows(pair):
     target, draft = pair
-    rows = speedup_table(target, draft, [random_ids(1, 5, V, s) for s in range(2)], [1, 3], max_new_tokens=8)
-    assert [r["gamma"] for r in rows] == [1, 3] and all(r["exact"] for r in rows)
-    assert all(1 <= r["tokens_per_target_call"] <= r["gamma"] + 1 for r in rows)
+    rows = speedup_table(target, {"model": draft, "lookup": PromptLookupDraft()}, [random_ids(1, 5, V, s) for s in range(2)],
+                         [1, 3], max_new_tokens=8, repeats=2)
+    assert [(r["draft"], r["gamma"]) for r in rows] == [("model", 1), ("model", 3), ("lookup", 1), ("lookup", 3)]
+    assert all(r["exact"] for r in rows)
+    assert all(1 <= r["tokens_per_target_call"] <= r["gamma"] + 1 and r["drafted_per_call"] <= r["gamma"] for r in rows)
+    with pytest.raises(ValueError, match="repeats"):
+        speedup_table(target, {}, [random_ids(1, 5, V, 0)], [1])
+
+
+@pytest.fixture(scope="module")
+def wide_target():
+    """Hidden 64 and MLP 128: whole groups of 64 for the low-bit kernels."""
+    return make_picollama(3, hidden=64, intermediate=128, vocab=V)
+
+
+def _repetitive(seed, n=24):
+    """A prompt that repeats itself, so prompt lookup finds its n-grams."""
+    x = random_ids(1, 6, V, seed)
+    return x.repeat(1, n // 6)
+
+
+@pytest.mark.parametrize("kind", ["model", "lookup", "quantized lut4", "quantized int4"])
+def test_greedy_equals_the_target_for_every_draft_kind(wide_target, kind):
+    """The exact invariant: whatever the draft proposes, greedy speculative decoding returns the
+    target's own greedy tokens (prompt lookup proposes nothing when no n-gram recurs)."""
+    draft = {"model": lambda: make_picollama(1, vocab=V, layers=1), "lookup": lambda: PromptLookupDraft(3),
+             "quantized lut4": lambda: quantized_draft(wide_target, "lut4"),
+             "quantized int4": lambda: quantized_draft(wide_target, "int4", lm_head=False)}[kind]()
+    for seed in range(4):
+        for x in (random_ids(1, 5 + seed, V, seed), _repetitive(seed)):
+            ref = greedy_generate(wide_target, x, 14)
+            for gamma in (1, 3, 6):
+                out = speculative_generate(wide_target, draft, x, 14, gamma)
+                assert torch.equal(out.sequences, ref), (seed, gamma)
+                assert max(out.drafted) <= gamma and sum(out.accepted) + out.target_calls >= 14
+
+
+def test_a_quantized_self_draft_agrees_more_than_a_random_draft(wide_target):
+    x = random_ids(1, 8, V, 1)
+    own = speculative_generate(wide_target, quantized_draft(wide_target, "int8", lm_head=False), x, 20, 4)
+    other = speculative_generate(wide_target, make_picollama(1, hidden=64, intermediate=128, vocab=V), x, 20, 4)
+    assert own.acceptance_rate > 0.8 and own.acceptance_rate > other.acceptance_rate
+    with pytest.raises(ValueError, match="unknown format"):
+        quantized_draft(wide_target, "int5")
+
+
+def test_lookup_continuation_by_hand():
+    t = torch.tensor
+    assert lookup_continuation(t([1, 2, 3, 4, 1, 2]), 3).tolist() == [3, 4, 1]  # (1, 2) seen at 0
+    assert lookup_continuation(t([5, 6, 7, 5, 9, 5]), 2, max_ngram=1).tolist() == [9, 5]  # most recent 5 at 3
+    assert lookup_continuation(t([1, 2, 3, 1, 2]), 10).tolist() == [3, 1, 2]  # up to the end of the context
+    assert lookup_continuation(t([1, 2, 3]), 4).tolist() == []  # nothing recurs
+    assert lookup_continuation(t([7, 1, 2, 9, 2]), 2, max_ngram=2).tolist() == [9, 2]  # the bigram (9, 2) misses; 2 hits
+    assert lookup_continuation(t([7, 1, 2, 9, 2]), 2, max_ngram=2, min_ngram=2).tolist() == []
+    with pytest.raises(ValueError, match="min_ngram"):
+        PromptLookupDraft(2, 3)
+
+
+def test_accept_greedy_is_accept_draft_at_temperature_zero():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        logits = torch.randn(4, 5, generator=g)
+        draft = torch.randint(0, 5, (3,), generator=g)
+        p, q = probs_from_logits(logits, 0), torch.nn.functional.one_hot(draft, 5).float()
+        assert accept_greedy(logits, draft) == accept_draft(p, q, draft)
+
+
+def test_expected_speedup():
+    assert expected_speedup(1.0, 4, 0.0) == 5.0  # a free draft that is always right
+    assert expected_speedup(0.0, 4, 0.25) == pytest.approx(0.5)  # never right: the draft's time is lost
+    assert expected_speedup(0.5, 1, 0.5) == pytest.approx(1.5 / 1.5)
+    with pytest.raises(ValueError):
+        expected_speedup(0.5, 2, -1)
+
+
+def test_continuation_law_sums_to_one_and_matches_two_step_probabilities():
+    v = 5
+    m = make_picollama(0, vocab=v)
+    x = random_ids(1, 4, v, 0) % 2 + 3
+    law = continuation_law(m, x, 2)
+    with torch.no_grad():
+        p1 = torch.softmax(m(x).logits[0, -1].double(), -1)
+        p2 = torch.softmax(m(torch.cat([x, torch.tensor([[4]])], 1)).logits[0, -1].double(), -1)
+    assert law.sum().item() == pytest.approx(1.0) and law[4 * v + 1].item() == pytest.approx((p1[4] * p2[1]).item())
+    with pytest.raises(ValueError, match="too many"):
+        continuation_law(make_picollama(0, vocab=V), random_ids(1, 3, V, 0), 3)
+
+
+@pytest.mark.parametrize("kind", ["model", "lookup"])
+def test_sampling_follows_the_target_law_for_a_model_and_a_deterministic_draft(kind):
+    """The emitted pairs of tokens follow the target's exact law (chi-square at level ALPHA), and
+    the test has power: the draft model's own law is rejected."""
+    v = 6
+    target, other = _sharpen(make_picollama(0, vocab=v), 6.0), _sharpen(make_picollama(5, vocab=v, layers=1), 6.0)
+    x = torch.tensor([[3, 4, 5, 3, 4]])  # (3, 4) recurs: prompt lookup proposes 5, 3, 4
+    draft = other if kind == "model" else PromptLookupDraft(2)
+    g = torch.Generator().manual_seed(1)
+    counts = continuation_counts(lambda: speculative_generate(target, draft, x, 2, gamma=2, temperature=1.0,
+                                                              generator=g).sequences[0, -2:], v, 2, 1500)
+    assert chi_square_pvalue(counts, continuation_law(target, x, 2)) > ALPHA
+    assert chi_square_pvalue(counts, continuation_law(other, x, 2)) < ALPHA
 
 
 def test_a_draft_of_another_vocabulary_is_refused_up_front(pair):

@@ -2,7 +2,9 @@
 
 import math
 
-from ._check import check
+import torch
+
+from ._check import check, check_function
 
 
 def check_smollm2_flops(answer) -> None:
@@ -26,3 +28,18 @@ def check_kv_bytes_per_token(answer) -> None:
     check("kv_bytes_per_token", answer, lambda a: int(a) == expected,
           "K and V, every layer, only the 4 shared KV heads (grouped-query attention, not the 32 query heads), "
           "head dimension 2048 / 32 = 64, 2 bytes per value")
+
+
+def check_lookup(fn) -> None:
+    """Exercise 4 (code): `lookup(ids, n, gamma)`, prompt lookup's proposal: the up to `gamma` tokens
+    after the most recent earlier occurrence of the last `n` tokens of a 1-D id tensor, else []."""
+    t = torch.tensor
+    cases = [
+        ((t([1, 2, 3, 4, 1, 2]), 2, 3), [3, 4, 1]),  # (1, 2) occurred at 0
+        ((t([5, 6, 7, 5, 9, 5]), 1, 2), [9, 5]),  # 5 occurred at 0 and 3: the most recent is 3
+        ((t([1, 2, 3, 1, 2]), 2, 10), [3, 1, 2]),  # up to the end of the context
+        ((t([1, 2, 3]), 1, 4), []),  # nothing recurs
+        ((t([4, 4, 4]), 1, 2), [4]),  # the occurrence at 1 is the most recent; its successor is the last token
+    ]
+    check_function("lookup", fn, cases, "compare every earlier window ids[i:i+n] (with i + n < len(ids)) with ids[-n:]; "
+                   "take the largest matching i and return ids[i+n : i+n+gamma].tolist()", tol=0)
