@@ -56,3 +56,23 @@ def test_has_checked_cells_and_exercises(nb):
     sources = [c.source for c in book.cells if c.cell_type == "code"]
     assert any(s.startswith("# NBVAL_CHECK_OUTPUT") for s in sources)
     assert any("shrinklib.exercises" in s for s in sources)
+
+
+def test_stored_pages_are_clean(nb):
+    """What a student sees is what the notebook means to show: no stderr (warnings, progress bars), no
+    widgets (they render as junk outside JupyterLab), no leaked return values of the last line of a
+    cell (`PosixPath(...)`, `<All keys matched successfully>`), and tables rendered, not printed as
+    Markdown source."""
+    _, book = nb
+    for i, cell in enumerate(book.cells):
+        if cell.cell_type != "code":
+            continue
+        assert "print(markdown_table(" not in cell.source, f"cell {i}: display tables with show_table(rows)"
+        for out in cell.outputs:
+            assert not (out.output_type == "stream" and out.name == "stderr"), f"cell {i} writes to stderr: {out.text[:200]}"
+            data = out.get("data", {})
+            assert not any("widget" in kind for kind in data), f"cell {i} stores a widget"
+            if out.output_type == "execute_result":
+                shown = data.get("text/plain", "")
+                assert shown.startswith("<Figure") or "text/markdown" in data or "image/png" in data, \
+                    f"cell {i} leaks its last value: {shown[:100]}"
