@@ -19,11 +19,23 @@ from ..quant.formats import QTensor, expand_groups, grouped, nearest, quantize_w
 from ..quant.qlinear import QuantLinear
 from ..quant.smoothquant import W8A8Linear
 from ..units import MiB
-from . import check_x, dequantize, ext, lut_dequantize, sparse24_dense
+from . import (check_x, dequantize, dequantize_into_scratch, ext, lut_dequantize, lut_dequantize_into_scratch,
+               sparse24_dense)
 from .pack import (CODEBOOKS, Packed24, PackedInt, PackedLUT, lut_row_scales, pack_codebook, pack_int, pack_lut,
                    pack_sparse24, unpack_int, unpack_lut)
 
 GEMV_MAX_ROWS = 8  # above this many rows of x, IntLinear (and Sparse24Linear) build the float weight and call the float GEMM
+# A weight whose float32 copy is larger than this comes from memory, not the cache, in the float GEMM,
+# which then runs at the memory's speed: the GEMV kernel, reading 4-8x fewer bytes, stays ahead for
+# more rows. Measured (4096x4096, 16 rows, 2 cores, AVX-512): see `gemv_max_rows`.
+LARGE_WEIGHT_BYTES = 16 * MiB
+GEMV_MAX_ROWS_LARGE = 16
+
+
+def gemv_max_rows(layer: nn.Module) -> int:
+    """The most rows of x the GEMV kernel serves for this layer; more go to dequantize + float GEMM."""
+    large = 4 * layer.in_features * layer.out_features > LARGE_WEIGHT_BYTES
+    return GEMV_MAX_ROWS_LARGE if large else GEMV_MAX_ROWS
 # Above this many rows LUTLinear dequantizes and calls the float GEMM. Measured (2 AVX2 cores, lut4,
 # ms: LUT kernel / lut_dequantize + F.linear): 576x576 at 16 rows 0.104 / 0.109, 24 rows 0.152 / 0.132;
 # 576x1536 (down) 16 rows 0.248 / 0.259, 32 rows 0.586 / 0.378; 1536x576 (up) 32 rows 0.352 / 0.414,
@@ -103,8 +115,10 @@ class IntLinear(QuantLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         b = self._buffers  # one dict instead of nn.Module's __getattr__ per buffer: decode calls this ~200 times a token
-        if check_x(x, self.in_features).numel() > GEMV_MAX_ROWS * self.in_features:
-            return F.linear(x, dequantize(self.weight_format), b["bias"])
+        if check_x(x, self.in_features).numel() > gemv_max_rows(self) * self.in_features:
+            compiling = torch.compiler.is_compiling()  # a traced graph allocates; eager reuses one buffer
+            W = dequantize(self.weight_format) if compiling else dequantize_into_scratch(self.weight_format)
+            return F.linear(x, W, b["bias"])
         y = kernel("qmatmul")(x, b["packed"], b["scales"], b["szeros"], b["codebook"], self.bits, self.kernel_group)
         return y if b["bias"] is None else y + b["bias"]
 
@@ -140,7 +154,8 @@ class LUTLinear(QuantLinear):
         b = self._buffers  # as in IntLinear.forward: few Python steps per call
         rows = check_x(x, self.in_features).numel() // self.in_features
         if rows > LUT_GEMV_MAX_ROWS and 4 * self.in_features * self.out_features <= DEQUANT_MAX_BYTES:
-            W = lut_dequantize(self.weight_format)  # (out, in) float32
+            wf = self.weight_format  # (out, in) float32, in the reused buffer when eager
+            W = lut_dequantize(wf) if torch.compiler.is_compiling() else lut_dequantize_into_scratch(wf)
             if LUT_PREFILL_BF16:
                 bias = None if b["bias"] is None else b["bias"].bfloat16()
                 return F.linear(x.bfloat16(), W.bfloat16(), bias).float()
@@ -184,7 +199,7 @@ class Sparse24Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b = self._buffers
-        if check_x(x, self.in_features).numel() > GEMV_MAX_ROWS * self.in_features:  # crossover 8-16 rows, as IntLinear's
+        if check_x(x, self.in_features).numel() > gemv_max_rows(self) * self.in_features:  # as IntLinear's
             return F.linear(x, sparse24_dense(Packed24(b["values"], b["index"], self.in_features, self.out_features)), b["bias"])
         y = kernel("sparse24_matmul")(x, b["values"], b["index"])
         return y if b["bias"] is None else y + b["bias"]
