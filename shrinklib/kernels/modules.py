@@ -27,7 +27,7 @@ from .pack import (CODEBOOKS, Packed24, PackedInt, PackedLUT, lut_row_scales, pa
 GEMV_MAX_ROWS = 8  # above this many rows of x, IntLinear (and Sparse24Linear) build the float weight and call the float GEMM
 # A weight whose float32 copy is larger than this comes from memory, not the cache, in the float GEMM,
 # which then runs at the memory's speed: the GEMV kernel, reading 4-8x fewer bytes, stays ahead for
-# more rows. Measured (4096x4096, 16 rows, 2 cores, AVX-512): see `gemv_max_rows`.
+# more rows (at 16 rows the packed-int kernel converts each weight twice, AVX-512 blocks of 8 rows).
 LARGE_WEIGHT_BYTES = 16 * MiB
 GEMV_MAX_ROWS_LARGE = 16
 
