@@ -327,6 +327,14 @@ def test_many_rows_dequantize_into_the_reused_buffer(fmt):
     assert K.scratch_bytes() >= 4 * 70 * 128  # the largest (out, padded in) asked for
     big = K.scratch(1, 1)
     assert big.shape == (1, 1) and K.scratch_bytes() >= 4 * 70 * 128  # viewed, never shrunk
+    a, b = layers[0], layers[1]  # a gradient through x keeps its own weight, not the buffer
+    x = torch.randn(20, a.in_features, requires_grad=True)
+    y = a(x)
+    b(torch.randn(20, b.in_features))  # overwrites the buffer between a's forward and backward
+    y.sum().backward()
+    Wa = a.dequantized_weight()  # dL/dx = Σ_o W[o, :]; a bfloat16 GEMM rounds each W to 8 significant bits
+    bound = 2**-8 * Wa.abs().sum(0) if fmt == "lut3" and Mo.LUT_PREFILL_BF16 else 1e-5
+    assert ((x.grad - Wa.sum(0)).abs() <= bound).all()
 
 
 def test_gemv_serves_more_rows_on_weights_that_stream_from_memory(monkeypatch):

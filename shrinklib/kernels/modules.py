@@ -65,6 +65,13 @@ def native_bf16() -> bool:
 LUT_PREFILL_BF16 = native_bf16()
 
 
+def keeps_weight(x: Tensor) -> bool:
+    """Whether the float weight of a many-row call must be a tensor of its own rather than the reused
+    buffer: in a traced graph (which allocates its own), or when autograd keeps it for x's gradient
+    (the next layer would overwrite it before the backward pass)."""
+    return torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled())
+
+
 def kernel(name: str):
     """The kernel `name`: its direct binding when eager, the torch operator while tracing or compiling."""
     return getattr(torch.ops.shrink, name) if torch.compiler.is_compiling() else getattr(ext(), name)
@@ -116,8 +123,7 @@ class IntLinear(QuantLinear):
     def forward(self, x: Tensor) -> Tensor:
         b = self._buffers  # one dict instead of nn.Module's __getattr__ per buffer: decode calls this ~200 times a token
         if check_x(x, self.in_features).numel() > gemv_max_rows(self) * self.in_features:
-            compiling = torch.compiler.is_compiling()  # a traced graph allocates; eager reuses one buffer
-            W = dequantize(self.weight_format) if compiling else dequantize_into_scratch(self.weight_format)
+            W = dequantize(self.weight_format) if keeps_weight(x) else dequantize_into_scratch(self.weight_format)
             return F.linear(x, W, b["bias"])
         y = kernel("qmatmul")(x, b["packed"], b["scales"], b["szeros"], b["codebook"], self.bits, self.kernel_group)
         return y if b["bias"] is None else y + b["bias"]
@@ -155,7 +161,7 @@ class LUTLinear(QuantLinear):
         rows = check_x(x, self.in_features).numel() // self.in_features
         if rows > LUT_GEMV_MAX_ROWS and 4 * self.in_features * self.out_features <= DEQUANT_MAX_BYTES:
             wf = self.weight_format  # (out, in) float32, in the reused buffer when eager
-            W = lut_dequantize(wf) if torch.compiler.is_compiling() else lut_dequantize_into_scratch(wf)
+            W = lut_dequantize(wf) if keeps_weight(x) else lut_dequantize_into_scratch(wf)
             if LUT_PREFILL_BF16:
                 bias = None if b["bias"] is None else b["bias"].bfloat16()
                 return F.linear(x.bfloat16(), W.bfloat16(), bias).float()
