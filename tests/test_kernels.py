@@ -337,16 +337,6 @@ def test_many_rows_dequantize_into_the_reused_buffer(fmt):
     assert ((x.grad - Wa.sum(0)).abs() <= bound).all()
 
 
-def test_gemv_serves_more_rows_on_weights_that_stream_from_memory(monkeypatch):
-    """A weight larger than LARGE_WEIGHT_BYTES keeps the GEMV kernel up to GEMV_MAX_ROWS_LARGE rows."""
-    small, big = nn.Linear(64, 32), nn.Linear(64, 64)
-    monkeypatch.setattr(Mo, "LARGE_WEIGHT_BYTES", 4 * 64 * 48)
-    assert Mo.gemv_max_rows(small) == Mo.GEMV_MAX_ROWS and Mo.gemv_max_rows(big) == Mo.GEMV_MAX_ROWS_LARGE
-    layer = Mo.FORMATS["int4"](big)
-    x = torch.randn(Mo.GEMV_MAX_ROWS_LARGE, 64)
-    torch.testing.assert_close(layer(x), K.int_matmul(x, layer.weight_format) + big.bias, rtol=0, atol=0)
-
-
 def test_forced_simd_level_names_the_path_or_refuses():
     assert K.forced_simd_level(None, 2) == 2 and K.forced_simd_level("", 1) == 1
     assert K.forced_simd_level("avx2", 2) == 1 and K.forced_simd_level("scalar", 2) == 0

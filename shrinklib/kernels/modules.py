@@ -25,17 +25,8 @@ from .pack import (CODEBOOKS, Packed24, PackedInt, PackedLUT, lut_row_scales, pa
                    pack_sparse24, unpack_int, unpack_lut)
 
 GEMV_MAX_ROWS = 8  # above this many rows of x, IntLinear (and Sparse24Linear) build the float weight and call the float GEMM
-# A weight whose float32 copy is larger than this comes from memory, not the cache, in the float GEMM,
-# which then runs at the memory's speed: the GEMV kernel, reading 4-8x fewer bytes, stays ahead for
-# more rows (at 16 rows the packed-int kernel converts each weight twice, AVX-512 blocks of 8 rows).
-LARGE_WEIGHT_BYTES = 16 * MiB
-GEMV_MAX_ROWS_LARGE = 16
-
-
-def gemv_max_rows(layer: nn.Module) -> int:
-    """The most rows of x the GEMV kernel serves for this layer; more go to dequantize + float GEMM."""
-    large = 4 * layer.in_features * layer.out_features > LARGE_WEIGHT_BYTES
-    return GEMV_MAX_ROWS_LARGE if large else GEMV_MAX_ROWS
+# (At 16 rows on 4096x4096 the GEMV kernel measured 11.8 ms at every bit width, compute-bound, against
+# 7.0 ms for float32 F.linear: many rows stay on dequantize + GEMM.)
 # Above this many rows LUTLinear dequantizes and calls the float GEMM. Measured (2 AVX2 cores, lut4,
 # ms: LUT kernel / lut_dequantize + F.linear): 576x576 at 16 rows 0.104 / 0.109, 24 rows 0.152 / 0.132;
 # 576x1536 (down) 16 rows 0.248 / 0.259, 32 rows 0.586 / 0.378; 1536x576 (up) 32 rows 0.352 / 0.414,
@@ -122,7 +113,7 @@ class IntLinear(QuantLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         b = self._buffers  # one dict instead of nn.Module's __getattr__ per buffer: decode calls this ~200 times a token
-        if check_x(x, self.in_features).numel() > gemv_max_rows(self) * self.in_features:
+        if check_x(x, self.in_features).numel() > GEMV_MAX_ROWS * self.in_features:
             W = dequantize(self.weight_format) if keeps_weight(x) else dequantize_into_scratch(self.weight_format)
             return F.linear(x, W, b["bias"])
         y = kernel("qmatmul")(x, b["packed"], b["scales"], b["szeros"], b["codebook"], self.bits, self.kernel_group)
@@ -205,7 +196,7 @@ class Sparse24Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b = self._buffers
-        if check_x(x, self.in_features).numel() > gemv_max_rows(self) * self.in_features:  # as IntLinear's
+        if check_x(x, self.in_features).numel() > GEMV_MAX_ROWS * self.in_features:  # crossover 8-16 rows, as IntLinear's
             return F.linear(x, sparse24_dense(Packed24(b["values"], b["index"], self.in_features, self.out_features)), b["bias"])
         y = kernel("sparse24_matmul")(x, b["values"], b["index"])
         return y if b["bias"] is None else y + b["bias"]
