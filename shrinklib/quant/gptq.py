@@ -79,8 +79,9 @@ def gptq_block_(W1: Tensor, S1: Tensor, Z1: Tensor, Hinv1: Tensor, Q1: Tensor, b
 
     Per column: q = clamp(round(w / s + z), 0, 2^b - 1); err = (w - s(q - z)) / [H⁻¹]_ii; the later
     columns j > i move by -err · [H⁻¹]_ij (Eq. 3 with the Cholesky rows of H⁻¹). The same float
-    operations as the textbook loop over columns of W; written in place on unbound rows, nine tensor
-    calls per column.
+    operations in the same order as the textbook loop over columns of W, so the same bits; written
+    in place on unbound rows, a dozen tensor calls per column (on one thread: elementwise, the same
+    bits with any thread count).
     """
     maxq = 2**bits - 1
     E1 = torch.empty_like(W1)  # (B, out) scaled errors
@@ -91,5 +92,5 @@ def gptq_block_(W1: Tensor, S1: Tensor, Z1: Tensor, Hinv1: Tensor, Q1: Tensor, b
         torch.div(w, s, out=q).add_(z).round_().clamp_(0, maxq)
         torch.sub(q, z, out=e).mul_(s)
         torch.sub(w, e, out=e).div_(d_[i])
-        W1[i + 1:].addcmul_(h_[i][i + 1:, None], e, value=-1.0)  # W1 -= h e, one op, no temporary
+        W1[i + 1:] -= h_[i][i + 1:, None] * e
     return E1.T.contiguous()
