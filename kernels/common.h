@@ -70,6 +70,10 @@ at::Tensor lut_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Ten
                     int64_t bits, int64_t gi, int64_t N);
 at::Tensor lut_dequant(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& szeros, int64_t bits,
                        int64_t gi, int64_t N, int64_t K);
+void qdequant_into(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& szeros,
+                   const at::Tensor& codebook, int64_t bits, int64_t gi, const at::Tensor& W);
+void lut_dequant_into(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& szeros, int64_t bits,
+                      int64_t gi, int64_t N, int64_t K, const at::Tensor& W);
 at::Tensor int8_gemm(const at::Tensor& xq, const at::Tensor& wq);
 at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& wsum, const at::Tensor& w_scale,
                        int64_t a_qmax, bool per_token);

@@ -303,22 +303,30 @@ LutDqFn lut_dq_fn(int bits, int lvl) {
   TORCH_CHECK(false, "lut_dequant supports bits 1 to 4, got ", bits);
 }
 
-// packed (N32/32, Kp/8*bits*32) uint8; scales/szeros (N32/32, G, 32) -> W (N, K) float32.
-at::Tensor lut_dequant(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& szeros, int64_t bits,
-                       int64_t gi, int64_t N, int64_t K) {
+// packed (N32/32, Kp/8*bits*32) uint8; scales/szeros (N32/32, G, 32) -> W (N, >= K) float32 with
+// contiguous rows, columns >= K left alone (a buffer reused across calls, see qdequant_into).
+void lut_dequant_into(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& szeros, int64_t bits,
+                      int64_t gi, int64_t N, int64_t K, const at::Tensor& W) {
   check_lut_weight("lut_dequant", packed, scales, szeros, bits, gi, N, K);
+  TORCH_CHECK(W.scalar_type() == at::kFloat && W.dim() == 2 && W.size(0) == N && W.size(1) >= K && W.stride(1) == 1,
+              "the buffer must be float32 (", N, ", >= ", K, ") with contiguous rows");
   const int tiles = packed.size(0), G = scales.size(1);
-  at::Tensor W = at::empty({N, K}, scales.options().dtype(at::kFloat));
   LutDqFn fn = lut_dq_fn(bits, level());
   const uint8_t* pk = packed.data_ptr<uint8_t>();
-  const int64_t tb = packed.size(1);
+  const int64_t tb = packed.size(1), ldw = W.stride(0);
   const f16 *ps = scales.data_ptr<f16>(), *psz = szeros.data_ptr<f16>();
   float* pw = W.data_ptr<float>();
   at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t)
       fn(pk + t * tb, ps + t * G * 32, psz + t * G * 32, G, gi, K, (int)std::min<int64_t>(32, N - t * 32),
-         pw + t * 32 * K, K);
+         pw + t * 32 * ldw, ldw);
   });
+}
+
+at::Tensor lut_dequant(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& szeros, int64_t bits,
+                       int64_t gi, int64_t N, int64_t K) {
+  at::Tensor W = at::empty({N, K}, scales.options().dtype(at::kFloat));
+  lut_dequant_into(packed, scales, szeros, bits, gi, N, K, W);
   return W;
 }
 

@@ -72,21 +72,31 @@ at::Tensor qmatmul(const at::Tensor& x_in, const at::Tensor& packed, const at::T
 }
 
 
-at::Tensor qdequant(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& szeros,
-                    const at::Tensor& codebook, int64_t bits, int64_t gi, int64_t K) {
+// Dequantize into W (N, >= Kp) float32 with contiguous rows (a buffer reused across calls: a fresh
+// weight-sized allocation costs a page fault per 4 KiB on every call); columns >= Kp are left alone.
+void qdequant_into(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& szeros,
+                   const at::Tensor& codebook, int64_t bits, int64_t gi, const at::Tensor& W) {
   check_qargs(packed, scales, szeros, codebook, bits, gi);
   const int N = packed.size(0), G = scales.size(1), Kp = G * gi;
-  TORCH_CHECK(K <= Kp && K > Kp - gi, "in_features ", K, " does not match ", G, " groups of ", gi);
-  at::Tensor W = at::empty({N, Kp}, scales.options().dtype(at::kFloat));
+  TORCH_CHECK(W.scalar_type() == at::kFloat && W.dim() == 2 && W.size(0) == N && W.size(1) >= Kp && W.stride(1) == 1,
+              "the buffer must be float32 (", N, ", >= ", Kp, ") with contiguous rows");
   DqFn fn = dq_fn(bits, codebook.numel() > 0, level());
   const f16 *ps = scales.data_ptr<f16>(), *psz = szeros.data_ptr<f16>();
   const float* pcb = codebook.numel() ? codebook.data_ptr<float>() : nullptr;
   const uint8_t* pk = packed.data_ptr<uint8_t>();
   float* pw = W.data_ptr<float>();
-  const int64_t rb = packed.size(1);
+  const int64_t rb = packed.size(1), ldw = W.stride(0);
   at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
-    for (int64_t o = b; o < e; ++o) fn(pk + o * rb, ps + o * G, psz + o * G, G, gi, pcb, pw + o * Kp);
+    for (int64_t o = b; o < e; ++o) fn(pk + o * rb, ps + o * G, psz + o * G, G, gi, pcb, pw + o * ldw);
   });
+}
+
+at::Tensor qdequant(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& szeros,
+                    const at::Tensor& codebook, int64_t bits, int64_t gi, int64_t K) {
+  const int64_t Kp = scales.size(1) * gi;
+  TORCH_CHECK(K <= Kp && K > Kp - gi, "in_features ", K, " does not match ", scales.size(1), " groups of ", gi);
+  at::Tensor W = at::empty({packed.size(0), Kp}, scales.options().dtype(at::kFloat));
+  qdequant_into(packed, scales, szeros, codebook, bits, gi, W);
   return K == Kp ? W : W.narrow(1, 0, K).contiguous();
 }
 

@@ -3,8 +3,9 @@
 Prints a markdown table (time, effective GB/s of weight bytes, speedup over float32
 F.linear), this machine's roofline (measured read bandwidth, peak float32 GFLOP/s), whole-model
 SmolLM2 decode tokens/s and 512-token prefill (with llama.cpp on the same GGUF beside them where
-llama-cpp-python is installed), and saves `outputs/figures/03_bench_roofline.png`
-and `outputs/results/03_bench.json`. `--quick` runs the small default of notebook 03.
+llama-cpp-python is installed), and saves `outputs/figures/03_bench_roofline.png`,
+`outputs/results/03_bench.json` (everything) and `outputs/results/03_bench_model.csv` (the
+whole-model rows: decode and prefill tokens/s and their ratios to float32 and llama.cpp). `--quick` runs the small default of notebook 03.
 
 Every layer is timed twice. *Streamed* (the headline columns): copies of the layer, together twice
 the last-level cache, are called in turn, so each weight comes from memory, as when a model whose
@@ -15,7 +16,11 @@ L3), which flatters the formats with more bytes per weight; those columns are pr
 Whole-model decode is timed two ways: the plain `transformers` loop (dynamic KV cache, one eager
 forward per token) and `shrinklib.decode.Decoder` (static KV cache, compiled one-token step), whose
 warm-up (tracing and compiling, once per format; inductor's cache keeps the code for later runs) is
-printed beside its speed. The greedy tokens of both must agree.
+printed beside its speed; "same tokens" says whether the two decodes chose the same greedy tokens.
+They do for float and weight-only formats on the kernels (int, codebook); formats that round their
+activations to int8 (LUT tables, W8A8) can turn the float rounding differences of the compiled graph
+(inductor's fused norms and attention, ~1e-6 of the logits) into a different table code and, many
+layers later, a different token.
 
 Options: `--quick`, `--no-model` (layers only), `--no-layers` (whole model only), `--prefill N`
 (prompt tokens of the prefill timing, default 512), `--repeats N` (whole-model timings, to show
@@ -280,6 +285,36 @@ def targets(rows: list[dict], model_rows: list[dict], bandwidth: float) -> list[
     return out
 
 
+def add_ratios(model_rows: list[dict], llama: dict | None) -> None:
+    """Each model row's decode and prefill speed over float32's (and llama.cpp's, where it ran), in place."""
+    f32 = next((r for r in model_rows if r["format"] == "float32"), None)
+    for row in model_rows:
+        if f32 is not None:
+            row["decode vs float32"] = decode_speed(row) / decode_speed(f32)
+            row["prefill vs float32"] = row["prefill tok/s"] / f32["prefill tok/s"]
+        if llama is not None:
+            row["decode vs llama.cpp"] = decode_speed(row) / llama["decode tok/s"]
+            row["prefill vs llama.cpp"] = row["prefill tok/s"] / llama["prefill tok/s"]
+
+
+def write_csv(rows: list[dict], name: str) -> Path:
+    """`outputs/results/<name>.csv` (atomically): one line per row, the union of the rows' keys."""
+    import csv
+    import io
+
+    from .io import atomic_write_text
+    from .results import outputs_dir
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    path = outputs_dir() / "results" / f"{name}.csv"
+    atomic_write_text(path, text.getvalue())
+    return path
+
+
 def decode_speed(row: dict) -> float:
     """A model row's decode tokens/s: the faster of its eager and compiled decodes."""
     return max(v for k, v in row.items() if k.startswith("decode tok/s") and isinstance(v, float))
@@ -368,10 +403,9 @@ def main(argv: list[str] | None = None) -> dict:
             print("llama.cpp: llama-cpp-python is not installed; `pip install llama-cpp-python` adds its row")
         elif llama is not None:
             rows_r.append({k: v for k, v in llama.items() if k != "tokens"})
+        add_ratios(rows_r, llama)
         for row in rows_r:
             row["run"] = r + 1
-            if llama is not None:
-                row["decode vs llama.cpp"] = decode_speed(row) / llama["decode tok/s"]
         model_rows += rows_r
     if model_rows:
         show_rows([{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()} for r in model_rows])
@@ -382,6 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
     res.metrics.update({"bandwidth_GBps": bw / 1e9, "peak_GFLOPs": fl / 1e9, "layers": rows, "model": model_rows, "targets": goals})
     if not quick:
         res.save()
+        if model_rows:
+            write_csv(model_rows, "03_bench_model")
         if rows:
             roofline_figure(rows, bw, fl)
     return res.metrics

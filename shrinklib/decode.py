@@ -11,6 +11,13 @@ The compile is paid once per model shape and format (the warm-up: `Decoder.warmu
 of seconds on a 2-core CPU for SmolLM2); inductor's graph cache under `cache_dir()/inductor` keeps
 the generated code, so a second process re-traces the model but builds nothing.
 
+The kernels give the same bits compiled and eager on the same input, but the compiled graph rounds
+its float operations differently (~1e-6 of the logits). Float and weight-only formats decode the
+same greedy tokens either way; formats that round activations to int8 (LUT tables, W8A8) can turn
+such a difference into another table code, and on SmolLM2 with every linear on LUT 4-bit the two
+decodes part after a few tokens (measured: one flipped code in block 11 grows to 1% of the
+hidden state by block 20).
+
     dec = Decoder(model, max_len=256)
     out = dec.generate(prompt_ids, new_tokens=32)   # out.tokens, out.step_seconds, dec.warmup_seconds
 """

@@ -308,6 +308,35 @@ def test_lut_module_switches_to_gemm_above_threshold(monkeypatch, bf16):
     torch.testing.assert_close(layer(many), K.lut_gemv(many, w) + lin.bias, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int3", "nf4", "lut3"])
+def test_many_rows_dequantize_into_the_reused_buffer(fmt):
+    """Above the GEMV threshold a layer dequantizes into one reused float32 buffer and calls the
+    GEMM: equal to F.linear on its dequantized weight, layer after layer of different (odd) shapes,
+    a smaller one after a larger one included (the buffer is not shrunk, only viewed)."""
+    torch.manual_seed(0)
+    make = Mo.rtn_layer("lut", 3) if fmt == "lut3" else Mo.FORMATS[fmt]
+    layers = [make(nn.Linear(k, n)) for n, k in [(70, 100), (33, 200), (40, 37)]]
+    for _ in range(2):
+        for layer in layers:
+            x = torch.randn(3, 17, layer.in_features)
+            ref = torch.nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
+            if fmt == "lut3" and Mo.LUT_PREFILL_BF16:
+                assert ((layer(x) - ref).abs() <= 0.01 * (x.abs() @ layer.dequantized_weight().abs().T + layer.bias.abs())).all()
+            else:
+                torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    assert K.scratch_bytes() >= 4 * 70 * 128  # the largest (out, padded in) asked for
+    big = K.scratch(1, 1)
+    assert big.shape == (1, 1) and K.scratch_bytes() >= 4 * 70 * 128  # viewed, never shrunk
+    a, b = layers[0], layers[1]  # a gradient through x keeps its own weight, not the buffer
+    x = torch.randn(20, a.in_features, requires_grad=True)
+    y = a(x)
+    b(torch.randn(20, b.in_features))  # overwrites the buffer between a's forward and backward
+    y.sum().backward()
+    Wa = a.dequantized_weight()  # dL/dx = Σ_o W[o, :]; a bfloat16 GEMM rounds each W to 8 significant bits
+    bound = 2**-8 * Wa.abs().sum(0) if fmt == "lut3" and Mo.LUT_PREFILL_BF16 else 1e-5
+    assert ((x.grad - Wa.sum(0)).abs() <= bound).all()
+
+
 def test_forced_simd_level_names_the_path_or_refuses():
     assert K.forced_simd_level(None, 2) == 2 and K.forced_simd_level("", 1) == 1
     assert K.forced_simd_level("avx2", 2) == 1 and K.forced_simd_level("scalar", 2) == 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -212,6 +213,41 @@ def int_matmul(x: Tensor, w: PackedInt) -> Tensor:
 def dequantize(w: PackedInt) -> Tensor:
     """The float32 (out, in) weight of a packed integer or codebook weight."""
     return ops().qdequant(w.packed, w.scales, w.szeros, w.codebook, w.bits, w.group_size, w.in_features)
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(rows: int, cols: int) -> Tensor:
+    """A float32 (rows, cols) buffer reused across calls (one per thread, grown to the largest asked
+    for): a fresh weight-sized tensor on every prefill call costs a page fault per 4 KiB (16,000
+    for a 4096x4096 float32 weight). Its size is memory the model uses beside its own weights while
+    it runs many rows. The next call overwrites it: use the result before that."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < rows * cols:
+        _SCRATCH.buf = buf = torch.empty(rows * cols)
+    return buf[: rows * cols].view(rows, cols)
+
+
+def scratch_bytes() -> int:
+    """Bytes held by this thread's reused dequantization buffer (0 before the first many-row call)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    return 0 if buf is None else buf.numel() * 4
+
+
+def dequantize_into_scratch(w: PackedInt) -> Tensor:
+    """`dequantize(w)` written into the reused buffer (eager only): (out, in), a view whose rows may
+    be padded to whole groups. Valid until the next call."""
+    W = scratch(w.out_features, w.scales.shape[1] * w.group_size)  # (out, Kp)
+    ext().qdequant_into(w.packed, w.scales, w.szeros, w.codebook, w.bits, w.group_size, W)
+    return W[:, : w.in_features]
+
+
+def lut_dequantize_into_scratch(w: PackedLUT) -> Tensor:
+    """`lut_dequantize(w)` written into the reused buffer (eager only). Valid until the next call."""
+    W = scratch(w.out_features, w.in_features)
+    ext().lut_dequant_into(w.packed, w.scales, w.szeros, w.bits, w.group_size, w.out_features, w.in_features, W)
+    return W
 
 
 def lut_gemv(x: Tensor, w: PackedLUT) -> Tensor:

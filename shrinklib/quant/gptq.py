@@ -5,6 +5,8 @@ the layer's reconstruction loss ‖WX - ŴX‖², H = 2XXᵀ.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -50,11 +52,24 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int = 4, group_size: int | None = 
     QT = torch.empty(d, out, device=W.device)  # codes, permuted order
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
-        Err1 = gptq_block_(WT[i1:i2], S[i1:i2], Z[i1:i2], Hinv[i1:i2, i1:i2], QT[i1:i2], bits)  # (out, B)
-        WT[i2:] -= (Err1 @ Hinv[i1:i2, i2:]).T  # lazy batch update of the remaining columns
+        with one_thread():  # the column loop: a few small ops per column, which threads only slow down
+            Err1 = gptq_block_(WT[i1:i2], S[i1:i2], Z[i1:i2], Hinv[i1:i2, i1:i2], QT[i1:i2], bits)  # (out, B)
+        WT[i2:] -= (Err1 @ Hinv[i1:i2, i2:]).T  # lazy batch update of the remaining columns (all threads)
     q = torch.empty(out, d, dtype=torch.uint8, device=W.device)
     q[:, perm] = QT.T.to(torch.uint8)
     return q, scales, zeros
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block on one torch thread: each op of the column loop touches a few thousand floats,
+    less than a thread hand-off costs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def gptq_block_(W1: Tensor, S1: Tensor, Z1: Tensor, Hinv1: Tensor, Q1: Tensor, bits: int) -> Tensor:
@@ -65,7 +80,8 @@ def gptq_block_(W1: Tensor, S1: Tensor, Z1: Tensor, Hinv1: Tensor, Q1: Tensor, b
     Per column: q = clamp(round(w / s + z), 0, 2^b - 1); err = (w - s(q - z)) / [H⁻¹]_ii; the later
     columns j > i move by -err · [H⁻¹]_ij (Eq. 3 with the Cholesky rows of H⁻¹). The same float
     operations in the same order as the textbook loop over columns of W, so the same bits; written
-    in place on unbound rows, a dozen tensor calls per column.
+    in place on unbound rows, a dozen tensor calls per column (on one thread: elementwise, the same
+    bits with any thread count).
     """
     maxq = 2**bits - 1
     E1 = torch.empty_like(W1)  # (B, out) scaled errors
