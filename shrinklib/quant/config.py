@@ -8,13 +8,16 @@ from ..checks import check_fields
 from .formats import MX_FORMATS, TABLES
 
 
-def _check_weight_grid(name: str, bits: int, group_size, fmt: str = "int") -> None:
+def _check_weight_grid(name: str, bits: int, group_size, fmt: str = "int", per_tensor: bool = True) -> None:
+    """Check a weight grid's fields; `per_tensor=False` for methods that fit a grid per group or row only."""
     if fmt != "int" and fmt not in TABLES:
         raise ValueError(f"{name}: unknown fmt {fmt!r}; use 'int' or one of {sorted(TABLES)}")
     if fmt == "int" and not (isinstance(bits, int) and 2 <= bits <= 8):
         raise ValueError(f"{name}: bits must be an int in 2..8, got {bits!r}")
     if not (group_size is None or group_size == "tensor" or (isinstance(group_size, int) and group_size > 0)):
         raise ValueError(f"{name}: group_size must be a positive int, None (per channel) or 'tensor', got {group_size!r}")
+    if not per_tensor and group_size == "tensor":
+        raise ValueError(f"{name}: per-tensor grids are not supported; use an int group_size or None")
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,7 @@ class GPTQConfig:
 
     def __post_init__(self):
         check_fields(self)
-        _check_weight_grid("GPTQConfig", self.bits, self.group_size)
-        if self.group_size == "tensor":
-            raise ValueError("GPTQConfig: per-tensor grids are not supported; use an int group_size or None")
+        _check_weight_grid("GPTQConfig", self.bits, self.group_size, per_tensor=False)
         if not 0 <= self.damp < 1:
             raise ValueError(f"GPTQConfig: damp must be in [0, 1), got {self.damp}")
         if self.block_size <= 0:
@@ -66,9 +67,7 @@ class AWQConfig:
 
     def __post_init__(self):
         check_fields(self)
-        _check_weight_grid("AWQConfig", self.bits, self.group_size)
-        if self.group_size == "tensor":
-            raise ValueError("AWQConfig: per-tensor grids are not supported; use an int group_size or None")
+        _check_weight_grid("AWQConfig", self.bits, self.group_size, per_tensor=False)
         if self.n_grid < 1 or self.max_tokens < 1:
             raise ValueError(f"AWQConfig: n_grid and max_tokens must be ≥ 1, got {self.n_grid}, {self.max_tokens}")
 
@@ -136,9 +135,7 @@ class HQQConfig:
 
     def __post_init__(self):
         check_fields(self)
-        _check_weight_grid("HQQConfig", self.bits, self.group_size)
-        if self.group_size == "tensor":
-            raise ValueError("HQQConfig: per-tensor grids are not supported; use an int group_size or None")
+        _check_weight_grid("HQQConfig", self.bits, self.group_size, per_tensor=False)
         if not 0 < self.p <= 2 or self.beta <= 0 or self.kappa < 1 or self.iters < 0:
             raise ValueError(f"HQQConfig: need 0 < p ≤ 2, beta > 0, kappa ≥ 1, iters ≥ 0; got {self.p}, {self.beta}, "
                              f"{self.kappa}, {self.iters}")
@@ -174,9 +171,7 @@ class AutoRoundConfig:
 
     def __post_init__(self):
         check_fields(self)
-        _check_weight_grid("AutoRoundConfig", self.bits, self.group_size)
-        if self.group_size == "tensor":
-            raise ValueError("AutoRoundConfig: per-tensor grids are not supported; use an int group_size or None")
+        _check_weight_grid("AutoRoundConfig", self.bits, self.group_size, per_tensor=False)
         if self.steps < 0 or self.max_tokens < 1 or (self.lr is not None and self.lr <= 0):
             raise ValueError(f"AutoRoundConfig: need steps ≥ 0, max_tokens ≥ 1, lr > 0; got {self.steps}, "
                              f"{self.max_tokens}, {self.lr}")
@@ -196,9 +191,7 @@ class QATConfig:
 
     def __post_init__(self):
         check_fields(self)
-        _check_weight_grid("QATConfig", self.bits, self.group_size)
-        if self.group_size == "tensor":
-            raise ValueError("QATConfig: per-tensor grids are not supported; use an int group_size or None")
+        _check_weight_grid("QATConfig", self.bits, self.group_size, per_tensor=False)
         if self.steps < 0 or self.lr <= 0 or self.batch_size < 1:
             raise ValueError(f"QATConfig: need steps ≥ 0, lr > 0, batch_size ≥ 1; got {self.steps}, {self.lr}, "
                              f"{self.batch_size}")
