@@ -130,3 +130,21 @@ def test_bad_configs_are_refused():
         MXConfig("mxfp6")
     with pytest.raises(ValueError, match="block_size"):
         MXConfig("mxfp4", block_size=0)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8"])
+def test_round_to_element_equals_the_table_search(fmt):
+    """The arithmetic rounding GPTQ's column loop uses against encode_float then decode_float: random
+    values over many binades, every exact midpoint between neighbouring elements (ties to even), zeros
+    of both signs, values beyond the largest normal (saturation) and subnormals."""
+    from shrinklib.quant.mx import ELEMENTS, decode_float, encode_float, round_to_element
+
+    codes = ELEMENTS[fmt][0]
+    mags = codes[: len(codes) // 2]
+    mags = mags[~mags.isnan()]
+    mids = (mags[1:] + mags[:-1]) / 2
+    x = torch.cat([torch.randn(4000) * 10.0 ** torch.randint(-4, 4, (4000,)), mids, -mids, mags, -mags,
+                   torch.tensor([0.0, -0.0, 1e9, -1e9, 1e-30])])
+    ref = decode_float(encode_float(x, codes), codes)
+    got = round_to_element(x, fmt)
+    assert torch.equal(got, ref) and torch.equal(got.signbit(), ref.signbit())

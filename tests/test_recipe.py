@@ -410,6 +410,7 @@ def test_a_failed_run_is_never_mistaken_for_a_finished_one(models, tmp_path, cap
 
 @pytest.mark.parametrize("step, config", [
     ({"mx": {"fmt": "nvfp4"}}, "MXConfig('nvfp4')"),
+    ({"mx": {"fmt": "mxfp4", "method": "gptq"}}, "MXConfig('mxfp4', method='gptq')"),
     ({"hqq": {"bits": 3, "group_size": 16}}, "HQQConfig(bits=3, group_size=16)"),
     ({"gptaq": {"bits": 3, "group_size": 16}}, "GPTAQConfig(bits=3, group_size=16)"),
     ({"autoround": {"bits": 3, "group_size": 16, "steps": 2, "max_tokens": 32}},
@@ -417,8 +418,9 @@ def test_a_failed_run_is_never_mistaken_for_a_finished_one(models, tmp_path, cap
     ({"qat": {"bits": 2, "group_size": 16, "steps": 2}}, "QATConfig(bits=2, group_size=16, steps=2)"),
 ])
 def test_number_format_and_rounding_steps_equal_the_library_calls(step, config):
-    """MX/NVFP4, HQQ, GPTAQ, AutoRound and QAT are recipe steps; each gives what quantize_ gives (the same
-    calibration batch for the methods that read one; none read for MX and HQQ)."""
+    """MX/NVFP4 (rounded to nearest or by GPTQ), HQQ, GPTAQ, AutoRound and QAT are recipe steps; each gives
+    what quantize_ gives (the same calibration batch for the methods that read one; none read for
+    round-to-nearest MX and HQQ)."""
     import copy
 
     from common import make_picollama
@@ -432,7 +434,7 @@ def test_number_format_and_rounding_steps_equal_the_library_calls(step, config):
     expected = copy.deepcopy(model)
     apply_recipe(toy_recipe(step), model, tok, corpus=corpus)
     config = eval(config, vars(quant))
-    calibration_free = isinstance(config, (quant.MXConfig, quant.HQQConfig))
+    calibration_free = isinstance(config, quant.HQQConfig) or (isinstance(config, quant.MXConfig) and config.method == "rtn")
     assert STEPS[name].reads(parse_recipe({"steps": [step]}).steps[0][1]) == (() if calibration_free else ("calib",))
     quant.quantize_(expected, config, None if calibration_free else calibration_batch(corpus, tok, 4, 32, seed=1),
                     progress=False)

@@ -32,7 +32,7 @@ from .config import (AutoRoundConfig, AWQConfig, GPTAQConfig, GPTQConfig, HQQCon
 from .formats import (TABLES, QTensor, dequantize, dequantize_codes, int_params, quantize, quantize_codes,
                       quantize_rtn, quantize_weight, storage_grid)
 from .gptaq import gptaq_, gptaq_quantize
-from .gptq import gptq_quantize
+from .gptq import gptq_quantize, gptq_quantize_mx
 from .hqq import hqq_, hqq_quantize
 from .mx import mx_, quantize_mx
 from .qat import FakeQuant, qat_
@@ -62,7 +62,7 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
     Args:
         config: an RTNConfig, GPTQConfig, AWQConfig, SmoothQuantConfig, MXConfig, HQQConfig, GPTAQConfig,
             AutoRoundConfig or QATConfig (QAT trains on the calibration windows).
-        calib_ids: (n, L) calibration token ids (GPTQ, AWQ, SmoothQuant).
+        calib_ids: (n, L) calibration token ids (GPTQ, AWQ, SmoothQuant, MXConfig with method "gptq").
         pack: store weight-only results as QuantLinear (packed codes) instead of float weights.
         device: compute device for layer-wise calibration (default: the model's).
         backend: where the QuantLinear layers run: "reference", "int", "codebook" or "lut"
@@ -78,10 +78,10 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
     target = "reference" if pack else None
     if isinstance(config, RTNConfig):
         rtn_(model, config, target, progress)
-    elif isinstance(config, (GPTQConfig, AWQConfig)):
+    elif isinstance(config, (GPTQConfig, AWQConfig)) or (isinstance(config, MXConfig) and config.method == "gptq"):
         if calib_ids is None:
             raise ValueError(f"{type(config).__name__} needs calib_ids, an (n, L) tensor of calibration token ids")
-        (gptq_ if isinstance(config, GPTQConfig) else awq_)(model, calib_ids, config, target, device, progress)
+        (awq_ if isinstance(config, AWQConfig) else gptq_)(model, calib_ids, config, target, device, progress)
     elif isinstance(config, SmoothQuantConfig):
         smoothquant_(model, calib_ids, config, device, progress)
     elif isinstance(config, (MXConfig, HQQConfig)):
@@ -103,7 +103,7 @@ __all__ = [
     "gptaq_quantize", "hqq_", "hqq_quantize", "mx_", "quantize_mx",
     "AWQConfig", "BACKENDS", "GPTQConfig", "METHODS", "QTensor", "QuantLinear", "RTNConfig", "SmoothQuantConfig", "TABLES",
     "W8A8Linear", "awq_", "awq_search_clip", "awq_search_scale", "backend_class", "dequantize", "dequantize_codes", "gptq_",
-    "gptq_quantize", "gptq_step", "int_params", "load_quantized", "pack_codes", "quant_layers", "quantize", "quantize_",
+    "gptq_quantize", "gptq_quantize_mx", "gptq_step", "int_params", "load_quantized", "pack_codes", "quant_layers", "quantize", "quantize_",
     "quantize_codes", "quantize_from_disk", "quantize_rtn", "quantize_weight", "storage_grid", "rtn_", "save_quantized", "set_backend_", "smooth_scales",
     "smoothquant_", "unpack_codes", "quantize_activations", "w8a8_class",
     "RotationConfig", "hadamard", "quantize_inputs_", "random_hadamard", "rotate_",

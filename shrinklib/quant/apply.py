@@ -6,16 +6,18 @@ The token embedding, the final norm and the LM head stay in float32.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
 from ..arch import blocks, get_path, layout, linears, set_module
 from ..calib import InputStats, collect_input_stats, record_inputs, sequential
 from .awq import awq_search_clip, awq_search_scale
-from .config import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig
+from .config import AWQConfig, GPTQConfig, MXConfig, RTNConfig, SmoothQuantConfig
 from .folding import fold_scale_, foldable, role_groups
 from .formats import QTensor, dequantize, int_params, quantize, quantize_codes, resolve_group_size
-from .gptq import gptq_quantize
+from .gptq import gptq_quantize, gptq_quantize_mx
 from .qlinear import QuantLinear, backend_class
 from .smoothquant import W8A8Linear, smooth_scales, w8a8_class
 
@@ -85,30 +87,38 @@ def shared_input_stats(block: nn.Module, forward) -> dict[str, tuple[InputStats,
     return {first: (stats[first], paths) for first, paths in groups.items()}
 
 
-def gptq_step(config: GPTQConfig, backend: str | None = "reference"):
+def gptq_step(config: GPTQConfig | MXConfig, backend: str | None = "reference"):
     """The per-block step of GPTQ for `calib.sequential`: every linear of the block quantized on
-    the Hessian of its calibration inputs, installed on `backend`."""
+    the Hessian of its calibration inputs (an integer grid, or a microscaling format's for an
+    MXConfig), installed on `backend`."""
 
     def step(s):
         for st, paths in shared_input_stats(s.block, s.forward).values():
             lins = [get_path(s.block, p) for p in paths]
-            g = resolve_group_size(config.group_size, lins[0].in_features)
             # GPTQ treats rows independently given H, so linears reading the same input (q/k/v,
             # gate/up) are quantized as one stacked matrix: the same result, one column loop.
             W = torch.cat([lin.weight.detach().float() for lin in lins])
-            q, sc, z = gptq_quantize(W, st.hessian, config.bits, g, config.symmetric,
-                                     config.damp, config.block_size, config.act_order)
-            rows = 0
-            for path, lin in zip(paths, lins):
-                r = slice(rows, rows + lin.out_features)
-                _install(s.block, path, QTensor(q[r], sc[r], z[r], g, "int", config.bits), backend)
-                rows += lin.out_features
+            rows = [lin.out_features for lin in lins]
+            if isinstance(config, MXConfig):
+                qts = gptq_quantize_mx(W, st.hessian, config.fmt, config.block_size, config.damp, rows=rows)
+            else:
+                g = resolve_group_size(config.group_size, lins[0].in_features)
+                q, sc, z = gptq_quantize(W, st.hessian, config.bits, g, config.symmetric,
+                                         config.damp, config.block_size, config.act_order)
+                qts = [QTensor(*(t[r] for t in (q, sc, z)), g, "int", config.bits) for r in _row_slices(rows)]
+            for path, qt in zip(paths, qts):
+                _install(s.block, path, qt, backend)
 
     return step
 
 
+def _row_slices(rows: list[int]) -> list[slice]:
+    """Consecutive row ranges of matrices with `rows` rows stacked in order."""
+    return [slice(e - r, e) for r, e in zip(rows, itertools.accumulate(rows))]
+
+
 @torch.no_grad()
-def gptq_(model: nn.Module, calib_ids: Tensor, config: GPTQConfig, backend: str | None = "reference", device=None,
+def gptq_(model: nn.Module, calib_ids: Tensor, config: GPTQConfig | MXConfig, backend: str | None = "reference", device=None,
           progress: bool = True, source=None) -> None:
     """GPTQ every block linear, block by block on the outputs of the already-quantized blocks.
 

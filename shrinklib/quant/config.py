@@ -109,10 +109,13 @@ class RotationConfig:
 
 @dataclass(frozen=True)
 class MXConfig:
-    """Microscaling formats, round to nearest: MXFP4, MXFP8 (OCP MX v1.0, 2023) and NVFP4 (NVIDIA, 2025)."""
+    """Microscaling formats: MXFP4, MXFP8 (OCP MX v1.0, 2023) and NVFP4 (NVIDIA, 2025), rounded to
+    nearest or with GPTQ's column loop on the format's grid (calibrated)."""
 
     fmt: str = "mxfp4"  # "mxfp4", "mxfp8" or "nvfp4"
     block_size: int | None = None  # elements per scale; None: the format's own (32, 32, 16)
+    method: str = "rtn"  # "rtn" (no data) or "gptq" (needs calibration ids)
+    damp: float = 0.01  # GPTQ only: fraction of mean(diag H) added to the diagonal
 
     def __post_init__(self):
         check_fields(self)
@@ -120,6 +123,10 @@ class MXConfig:
             raise ValueError(f"MXConfig: unknown fmt {self.fmt!r}; use one of {list(MX_FORMATS)}")
         if self.block_size is not None and self.block_size <= 0:
             raise ValueError(f"MXConfig: block_size must be positive or None, got {self.block_size}")
+        if self.method not in ("rtn", "gptq"):
+            raise ValueError(f"MXConfig: method must be 'rtn' or 'gptq', got {self.method!r}")
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"MXConfig: damp must be in [0, 1), got {self.damp}")
 
 
 @dataclass(frozen=True)
