@@ -24,7 +24,8 @@ layers later, a different token.
 
 Options: `--quick`, `--no-model` (layers only), `--no-layers` (whole model only), `--prefill N`
 (prompt tokens of the prefill timing, default 512), `--repeats N` (whole-model timings, to show
-their spread), `--no-compile`, `--threads N`, `--help`.
+their spread), `--no-compile`, `--threads N`, `--calibration` (also time GPTQ of the whole model on
+32 × 512 calibration tokens, with its perplexity), `--help`.
 """
 
 from __future__ import annotations
@@ -374,6 +375,23 @@ def show_rows(rows: list[dict]) -> None:
         print(markdown_table(rows))
 
 
+def bench_calibration(n: int = 32, seq_len: int = 512) -> dict:
+    """Seconds to GPTQ the embedded model (4-bit g64) on n × seq_len calibration tokens, and the
+    result's perplexity on the suite's evaluation tokens (so a faster loop is seen to give the same model)."""
+    from .data import calibration_batch, load_corpus
+    from .evaluate import perplexity
+    from .models import load_model
+    from .quant import GPTQConfig, quantize_
+
+    model, tok = load_model("smollm2-135m")
+    data = load_corpus("pydoc")
+    calib = calibration_batch(data, tok, n=n, seq_len=seq_len, seed=0)
+    seconds = quantize_(model, GPTQConfig(4, 64), calib, progress=False)
+    ppl = perplexity(model, data.tokens(tok, "eval")).ppl
+    return {"what": f"GPTQ 4-bit g64 of SmolLM2-135M, {n} × {seq_len} calibration tokens", "threads": torch.get_num_threads(),
+            "seconds": seconds, "perplexity": ppl}
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; `--quick` for the small default, `--no-model` to skip whole-model timing,
     `--threads N` to set torch's (and the kernels') thread count."""
@@ -409,11 +427,15 @@ def main(argv: list[str] | None = None) -> dict:
         model_rows += rows_r
     if model_rows:
         show_rows([{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()} for r in model_rows])
+    calibration = [bench_calibration()] if "--calibration" in argv else []
+    if calibration:
+        show_rows([{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()} for r in calibration])
     goals = targets(rows, model_rows, bw)
     show_rows([{**g, "measured": round(g["measured"], 2)} for g in goals])
     res = Results("03_bench", {"quick": quick, "simd": K.simd_path(), "threads": torch.get_num_threads()},
                   tolerances={"*": None})  # timings of this machine: never compared
-    res.metrics.update({"bandwidth_GBps": bw / 1e9, "peak_GFLOPs": fl / 1e9, "layers": rows, "model": model_rows, "targets": goals})
+    res.metrics.update({"bandwidth_GBps": bw / 1e9, "peak_GFLOPs": fl / 1e9, "layers": rows, "model": model_rows, "targets": goals,
+                        "calibration": calibration})
     if not quick:
         res.save()
         if model_rows:
