@@ -33,7 +33,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # Default-run seconds of each notebook on a 2-core x86 machine, one thread (the order matters,
 # not the figures); a notebook missing here is scheduled first.
 NOTEBOOK_SECONDS = {
-    "14_number_formats": 250,
+    "14_number_formats": 280,
+    "16_learned_rounding_and_qat": 240,
     "15_kv_cache_quantization": 200,
     "12_compression_frontier": 170,
     "02_post_training_quantization": 165,

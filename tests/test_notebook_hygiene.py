@@ -76,3 +76,29 @@ def test_stored_pages_are_clean(nb):
                 shown = data.get("text/plain", "")
                 assert shown.startswith("<Figure") or "text/markdown" in data or "image/png" in data, \
                     f"cell {i} leaks its last value: {shown[:100]}"
+
+
+def test_one_evaluation_protocol(nb):
+    """Every notebook that reports perplexity scores the suite's default evaluation tokens
+    (shrinklib.evaluate.EVAL_TOKENS in windows of EVAL_SEQ_LEN), so its float model's perplexity is
+    the same number in every notebook and the frontier compares points across notebooks as they are."""
+    import ast
+
+    from shrinklib.evaluate import EVAL_SEQ_LEN, EVAL_TOKENS
+
+    path, book = nb
+    params = next(c for c in book.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", []))
+    defaults = {t.id: node.value for node in ast.parse(params.source).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)}
+    if "eval_tokens" in defaults:
+        assert ast.literal_eval(defaults["eval_tokens"]) == EVAL_TOKENS, f"{path.stem}: eval_tokens default is not EVAL_TOKENS"
+    window = defaults.get("eval_seq_len", defaults.get("seq_len"))  # where both exist, seq_len is for training
+    if "eval_tokens" in defaults and window is not None:
+        assert ast.literal_eval(window) == EVAL_SEQ_LEN, f"{path.stem}: perplexity window is not EVAL_SEQ_LEN"
+
+
+def test_figures_carry_their_notebook_number(nb):
+    """A figure saved by notebook NN is named NN_*, so no notebook overwrites another's figure."""
+    path, book = nb
+    names = re.findall(r"save_figure\([^,]+,\s*f?[\"']([^\"']+)[\"']", "\n".join(c.source for c in book.cells if c.cell_type == "code"))
+    assert all(n.startswith(path.stem[:2] + "_") for n in names), names
