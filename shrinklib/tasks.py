@@ -42,11 +42,30 @@ def _sorting(rng: random.Random) -> Example:
     return Example(f"Sort these numbers in ascending order: {' '.join(map(str, xs))}", " ".join(map(str, sorted(xs))))
 
 
+def _larger(rng: random.Random) -> Example:
+    a, b = rng.sample(range(10, 100), 2)
+    return Example(f"Which is larger, {a} or {b}? Answer with the number only.", str(max(a, b)))
+
+
+def _successor(rng: random.Random) -> Example:
+    n = rng.randint(10, 998)
+    return Example(f"What number comes after {n}? Answer with the number only.", str(n + 1))
+
+
+def _first_letter(rng: random.Random) -> Example:
+    w = _word(rng)
+    return Example(f"What is the first letter of '{w}'?", w[0])
+
+
 TASKS: dict[str, Callable[[random.Random], Example]] = {
     "addition": _addition,
     "reversal": _reversal,
     "copying": _copying,
     "sorting": _sorting,
+    # short answers: a few steps on the top blocks learn them (notebook 08 merges one fine-tune per task)
+    "larger": _larger,
+    "successor": _successor,
+    "first_letter": _first_letter,
 }
 
 
@@ -154,6 +173,16 @@ def answer_loss(model, batch: dict) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), target)
 
 
+def _answer_stats(model, b: dict) -> tuple[torch.Tensor, float, int]:
+    """One supervised batch (already on the model's device): the answer tokens each example gets
+    wrong under teacher forcing (n,), the summed answer cross-entropy and the number of answer tokens."""
+    logits, target = answer_logits(model, b)  # (m, V), (m,) over the batch's answer tokens
+    row = (b["labels"][:, 1:] != -100).nonzero()[:, 0]  # (m,) the example of each answer token
+    wrong = torch.zeros(b["labels"].shape[0], device=logits.device).index_add_(0, row, (logits.argmax(-1) != target).float())
+    nll = torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum").item()
+    return wrong, nll, target.numel()
+
+
 @torch.no_grad()
 def answer_metrics(model, batches: list[dict]) -> dict[str, float]:
     """Exact match (every answer token is the greedy argmax under teacher forcing, equal to greedy
@@ -166,11 +195,31 @@ def answer_metrics(model, batches: list[dict]) -> dict[str, float]:
     nll = n_tok = 0.0
     for b in batches:
         b = to_device(b, device)  # also the cached block arguments (position embeddings) of a `cache_prefix` batch
-        logits, target = answer_logits(model, b)  # (m, V), (m,) over the batch's answer tokens
-        row = (b["labels"][:, 1:] != -100).nonzero()[:, 0]  # (m,) the example of each answer token
-        wrong = torch.zeros(b["labels"].shape[0], device=device).index_add_(0, row, (logits.argmax(-1) != target).float())
+        wrong, b_nll, b_tok = _answer_stats(model, b)
         hits += (wrong == 0).sum().item()
         total += wrong.numel()
-        nll += torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum").item()
-        n_tok += target.numel()
+        nll += b_nll
+        n_tok += b_tok
     return {"accuracy": hits / max(1, total), "loss": nll / max(1.0, n_tok)}
+
+
+@torch.no_grad()
+def answer_correct(model, batches: list[dict]) -> torch.Tensor:
+    """Per example, whether its whole answer is right under teacher forcing (the exact match of
+    `answer_metrics`, one bool per example in batch order, on the CPU): the paired outcomes that
+    compare two models on the same examples."""
+    from .calib import to_device
+
+    device = next(model.parameters()).device
+    return torch.cat([(_answer_stats(model, to_device(b, device))[0] == 0).cpu() for b in batches])
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Two models scored on the same examples (one score each, e.g. `answer_correct`): the mean of
+    a − b and its standard error std(a − b) / √n (sample standard deviation). Pairing removes the
+    examples' own difficulty from the noise, so the error is that of the difference, not of two means."""
+    if a.shape != b.shape or a.ndim != 1 or a.numel() < 2:
+        raise ValueError(f"need two score vectors of one length >= 2 over the same examples, got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    d = a.double() - b.double()  # (n,)
+    return d.mean().item(), (d.std() / d.numel() ** 0.5).item()

@@ -5,7 +5,7 @@ import torch
 from common import make_picollama, random_ids
 
 from shrinklib.models import load_model
-from shrinklib.tasks import TASKS, Example, exact_match, format_prompt, make_examples, normalize, supervised_batch
+from shrinklib.tasks import TASKS, Example, exact_match, format_prompt, make_examples, normalize, paired_difference, supervised_batch
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,14 @@ def test_answers_are_right(task):
             assert e.answer == word[::-1]
         elif task == "copying":
             assert e.question.endswith(e.answer)
+        elif task == "larger":
+            a, b = map(int, re.findall(r"\d+", e.question)[:2])
+            assert a != b and e.answer == str(max(a, b))
+        elif task == "successor":
+            assert e.answer == str(int(re.search(r"\d+", e.question).group()) + 1)
+        elif task == "first_letter":
+            word = re.search(r"'(\w+)'", e.question).group(1)
+            assert e.answer == word[0] and len(e.answer) == 1
         else:
             nums = list(map(int, e.question.split(":")[1].split()))
             assert list(map(int, e.answer.split())) == sorted(nums)
@@ -109,7 +117,7 @@ def test_cached_prefix_gives_the_full_forward_and_its_gradients(start):
 
 
 def test_answer_metrics_is_exact_match_under_teacher_forcing():
-    from shrinklib.tasks import answer_metrics
+    from shrinklib.tasks import answer_correct, answer_metrics
 
     model = make_picollama(0)
     batch = _answer_batch()
@@ -125,6 +133,20 @@ def test_answer_metrics_is_exact_match_under_teacher_forcing():
     m = answer_metrics(model, [batch])
     assert m["accuracy"] == pytest.approx(1 / 3)
     assert m["loss"] == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+    # per example, in batch order, over several batches: the same verdicts
+    assert answer_correct(model, [batch, batch]).tolist() == [True, False, False] * 2
+
+
+def test_paired_difference_is_the_mean_and_standard_error_of_the_differences():
+    a = torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool)
+    b = torch.tensor([1, 0, 0, 0, 1, 1], dtype=torch.bool)
+    diff, se = paired_difference(a, b)  # differences (0, 1, 0, 1, -1, 0): mean 1/6
+    d = [0, 1, 0, 1, -1, 0]
+    var = sum((x - 1 / 6) ** 2 for x in d) / 5  # sample variance
+    assert diff == pytest.approx(1 / 6) and se == pytest.approx((var / 6) ** 0.5)
+    assert paired_difference(a, a) == (0.0, 0.0)  # a model against itself: no difference, no noise
+    with pytest.raises(ValueError, match="same examples"):
+        paired_difference(a, b[:5])
 
 
 def test_finetune_task_trains_only_what_requires_grad():
