@@ -38,7 +38,7 @@ NOTEBOOK_SECONDS = {
     "15_kv_cache_quantization": 200,
     "12_compression_frontier": 170,
     "02_post_training_quantization": 165,
-    "08_model_merging": 160,
+    "08_model_merging": 225,
     "04_unstructured_pruning": 150,
     "03_low_bit_kernels": 140,
     "10_small_llms": 135,
