@@ -98,14 +98,18 @@ def upcycle_mlp(mlp: nn.Module, hidden: int, config: MoEConfig) -> MoEMLP:
     return moe.to(next(mlp.parameters()).device, next(mlp.parameters()).dtype)
 
 
-def upcycle_(model: nn.Module, config: MoEConfig) -> list[int]:
-    """Replace the MLP of every `config.every`-th block by an upcycled MoE, in place; returns the
-    indices of the upcycled blocks."""
+def upcycle_(model: nn.Module, config: MoEConfig, blocks: list[int] | None = None) -> list[int]:
+    """Replace the MLP of every `config.every`-th block (or of the blocks listed in `blocks`) by an
+    upcycled MoE, in place; returns the indices of the upcycled blocks."""
     arch.require(model, "moe", "MoE upcycling")
     hidden = model.config.hidden_size
+    n = len(arch.blocks(model))
+    if blocks is not None and not all(-n <= i < n for i in blocks):
+        raise ValueError(f"blocks {blocks} out of range for a model of {n} blocks")
+    chosen = {i % n for i in blocks} if blocks is not None else {i for i in range(n) if i % config.every == config.every - 1}
     done = []
     for i, block in enumerate(arch.blocks(model)):
-        if i % config.every == config.every - 1:
+        if i in chosen:
             mlp = upcycle_mlp(arch.mlp_module(model, block), hidden, dataclasses.replace(config, seed=config.seed + i))
             arch.set_mlp(model, block, mlp)
             done.append(i)
@@ -126,11 +130,16 @@ def moe_aux_losses(model: nn.Module) -> dict[str, Tensor]:
     return {"balance": lb, "z": z}
 
 
-def moe_lm_loss(balance_coef: float = 0.01, z_coef: float = 0.001):
-    """A `train` loss: causal LM cross-entropy + α · load balancing + β · z-loss (Switch's α = 0.01, ST-MoE's β = 0.001)."""
+def moe_lm_loss(balance_coef: float = 0.01, z_coef: float = 0.001, lm_loss=None):
+    """A `train` loss: causal LM cross-entropy + α · load balancing + β · z-loss (Switch's α = 0.01, ST-MoE's β = 0.001).
+
+    Args:
+        lm_loss: the language-model loss `(model, batch) -> scalar` (default: the model's own
+            cross-entropy on the batch's labels; `tasks.answer_loss` for a `calib.cache_prefix` batch).
+    """
 
     def loss_fn(model: nn.Module, batch: dict) -> Tensor:
-        ce = model(**batch, use_cache=False).loss
+        ce = lm_loss(model, batch) if lm_loss is not None else model(**batch, use_cache=False).loss
         aux = moe_aux_losses(model)
         return ce + balance_coef * aux["balance"].to(ce.device) + z_coef * aux["z"].to(ce.device)
 
@@ -166,14 +175,18 @@ def flops_per_token(active_params: int, embedding_params: int, layers: int, hidd
     return 2 * (active_params - embedding_params) + 2 * layers * context * hidden
 
 
-def widen_mlp(mlp: nn.Module, factor: int, model_type: str = "llama") -> nn.Module:
+def widen_mlp(mlp: nn.Module, factor: int, model_type: str = "llama", split_noise: float = 0.0, seed: int = 0) -> nn.Module:
     """A copy of an MLP module with a `factor` × wider hidden layer computing the same function
     (each neuron copied `factor` times, down's columns divided by `factor`): a dense model with
-    the MoE's total parameters.
+    the MoE's total (factor = E) or active (factor = k) parameters.
 
     Args:
         model_type: the architecture the MLP comes from (`shrinklib.arch.ARCHS`: where its gate,
             up and down projections are).
+        split_noise: copies of a neuron with equal down columns get equal gradients and stay copies
+            forever; with split_noise > 0 each copy's down column gets its own noise (std split_noise ×
+            the std of down's weights), the noises of a neuron's copies summing to zero, so the
+            function is unchanged but the copies learn apart.
     """
     lay = arch.layout_of_type(model_type)
     holder = nn.Module()  # stands for the block: the MLP sits at the architecture's path in it
@@ -182,4 +195,11 @@ def widen_mlp(mlp: nn.Module, factor: int, model_type: str = "llama") -> nn.Modu
     with torch.no_grad():
         idx = torch.arange(width.stop - width.start).repeat(factor)  # (factor·f,) every neuron factor times
         arch.select_mlp_channels_(lay, holder, None, idx, down_scale=1.0 / factor)
+        if split_noise > 0 and factor > 1:
+            W = arch.get_path(holder, lay.arch.down.path).weight  # (d, factor·f), copy c in columns c·f ... (c+1)·f
+            d, f = W.shape[0], W.shape[1] // factor
+            g = torch.Generator().manual_seed(seed)
+            noise = torch.randn(factor, d, f, generator=g) * (split_noise * W.float().std().item())  # (factor, d, f)
+            noise -= noise.mean(0)  # the copies of a neuron: noises summing to zero
+            W.add_(noise.permute(1, 0, 2).reshape(d, factor * f).to(W.dtype))
     return arch.get_path(holder, lay.arch.mlp)

@@ -132,3 +132,57 @@ def test_widened_mlp_is_the_same_function():
     x = torch.randn(5, 32)
     torch.testing.assert_close(wide(x), mlp(x), rtol=1e-5, atol=1e-6)
     assert wide.up_proj.weight.shape == (256, 32)
+    split = widen_mlp(mlp, 2, split_noise=0.1)  # copies whose down columns differ, summing to the same
+    torch.testing.assert_close(split(x), mlp(x), rtol=1e-5, atol=1e-5)
+    f = mlp.up_proj.weight.shape[0]
+    assert not torch.equal(split.down_proj.weight[:, :f], split.down_proj.weight[:, f:])
+    split(x).square().sum().backward()  # the copies now get different gradients: they can learn apart
+    assert not torch.allclose(split.up_proj.weight.grad[:f], split.up_proj.weight.grad[f:])
+
+
+def test_upcycle_listed_blocks_only_and_the_cached_loss_is_the_whole_models():
+    """Upcycling the listed blocks keeps the function; the MoE loss on a `cache_prefix` batch (the blocks
+    below run once) equals the same loss through the whole model."""
+    from shrinklib.calib import cache_prefix
+    from shrinklib.tasks import answer_loss
+    from shrinklib.train import causal_lm_loss
+
+    dense, moe = make_picollama(0), make_picollama(0)
+    assert upcycle_(moe, MoEConfig(4, 2), blocks=[-1]) == [1] and len(moe_layers(moe)) == 1
+    ids = random_ids(3, 12)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+        cached = cache_prefix(moe, batch, 1)
+        torch.testing.assert_close(answer_loss(moe, cached), causal_lm_loss(moe, batch), rtol=1e-5, atol=1e-6)
+        full = moe_lm_loss(lm_loss=causal_lm_loss)(moe, batch)
+        torch.testing.assert_close(moe_lm_loss(lm_loss=answer_loss)(moe, cached), full, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="out of range"):
+        upcycle_(make_picollama(0), MoEConfig(4, 2), blocks=[2])
+
+
+def test_top2_router_learns_from_the_lm_loss_and_top1_does_not():
+    """With identical experts the renormalized gates do not change the output; once experts differ, top-2
+    gates pass the language-model loss's gradient to the router, a renormalized top-1 gate (always 1) does not."""
+    x = torch.randn(20, 6, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for k in (1, 2):
+        moe = MoEMLP([_Scale(i) for i in range(3)], 6, k)
+        moe(x).square().sum().backward()
+        grads[k] = moe.router.weight.grad.abs().max().item()
+    assert grads[2] > 1.0 and grads[1] < 1e-5 * grads[2]  # top-1: zero up to rounding (p / p)
+
+
+def test_exercise_top_k_gates_checker(capsys):
+    from shrinklib.exercises.ex09 import check_top_k_gates
+
+    check_top_k_gates(lambda logits, k: route_top_k(logits, k)[1])
+    assert "correct on all" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="top_k_gates"):  # not renormalized: Switch's gates
+        check_top_k_gates(lambda logits, k: logits.softmax(-1).topk(k, -1).values)
+
+    def stub(logits, k):
+        raise NotImplementedError
+
+    check_top_k_gates(stub)
+    assert "not attempted" in capsys.readouterr().out
