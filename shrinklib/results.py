@@ -49,6 +49,7 @@ class Claim:
     evidence: dict = field(default_factory=dict)
     asserted: bool = True  # False where the notebook reports but does not assert (not robust at this scale)
     timed: bool = False  # the verdict rests on wall-clock times: reported, never asserted nor compared across runs
+    reason: str = ""  # a reported claim that does not hold: the scientific reason it fails at this scale
 
 
 class Results:
@@ -78,13 +79,15 @@ class Results:
         check_tolerances(self.tolerances)
 
     def claim(self, claim: str, source: str, holds: bool, evidence: dict, assert_it: bool = True,
-              timed: bool = False) -> Claim:
+              timed: bool = False, reason: str = "") -> Claim:
         """Record a claim; with `assert_it` (and the notebook's `assert_claims`), a claim that no longer
         holds raises AssertionError (after it is recorded), so a run that stops reproducing the paper
         fails its test. A `timed` claim (its verdict compares wall-clock times, which depend on the
         machine and its load) is recorded and reported but never asserted, and its verdict is not
-        compared with the stored one, as wall-clock metrics are not."""
-        c = Claim(claim, source, bool(holds), _jsonable(evidence), assert_it and not timed, bool(timed))
+        compared with the stored one, as wall-clock metrics are not. `reason`: for a claim reported
+        because it does not hold here, why (a finding about the method or the model, not the budget);
+        stored with it and listed under the reproduction report."""
+        c = Claim(claim, source, bool(holds), _jsonable(evidence), assert_it and not timed, bool(timed), reason)
         self.claims.append(c)
         if c.asserted and self.assert_claims and not c.holds:
             self._write()  # the failing claim is the error to report, covered tolerances or not
@@ -104,7 +107,7 @@ class Results:
             "notebook": self.notebook,
             "params": _jsonable(self.params),
             "metrics": _jsonable(self.metrics),
-            "claims": [{k: v for k, v in asdict(c).items() if k != "timed" or v} for c in self.claims],  # timed only when true
+            "claims": [{k: v for k, v in asdict(c).items() if k not in ("timed", "reason") or v} for c in self.claims],  # when set
             "tolerances": dict(self.tolerances),
         }
 
@@ -361,7 +364,9 @@ def claims_table(results: list[dict]) -> str:
     widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    why = [f"- {r['notebook']}: {c['claim']}: {c['reason']}" for r in results for c in r.get("claims", [])
+           if c.get("reason") and not c["holds"]]
+    return "\n".join(lines + (["", "Why the reported claims that do not hold fail at this scale:", *why] if why else []))
 
 
 def markdown_table(rows: list[dict], floatfmt: str = ".3g") -> str:

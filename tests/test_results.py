@@ -47,7 +47,18 @@ def test_claims_table_lists_every_claim():
     lines = table.splitlines()
     assert lines[0].split() == ["notebook", "claim", "source", "holds"]
     assert "01_a" in lines[2] and lines[2].endswith("yes")
-    assert lines[3].endswith("NO (reported)")
+    assert lines[3].endswith("NO (reported)") and len(lines) == 4
+
+
+def test_a_failing_claims_reason_is_stored_and_reported(outputs):
+    r = R.Results("99_x", {})
+    r.claim("c1", "s1", True, {})
+    r.claim("c2", "s2", False, {}, assert_it=False, reason="the method cannot see it")
+    stored = r.to_dict()
+    assert "reason" not in stored["claims"][0] and stored["claims"][1]["reason"] == "the method cannot see it"
+    table = R.claims_table([stored]).splitlines()
+    assert table[-2:] == ["Why the reported claims that do not hold fail at this scale:",
+                          "- 99_x: c2: the method cannot see it"]
 
 
 def test_save_figure_writes_a_png(outputs):
