@@ -47,7 +47,7 @@ NOTEBOOK_SECONDS = {
     "11_proxy_tuning": 120,
     "06_knowledge_distillation": 115,
     "13_rotations": 110,
-    "09_mixture_of_experts": 100,
+    "09_mixture_of_experts": 155,
     "01_quantization_basics": 90,
     "00_baseline": 60,
 }
