@@ -174,24 +174,16 @@ register("rotate", (quant.RotationConfig,), lambda s, p: quant.rotate_(s.model, 
 
 
 QuantizeOptions = options_of(quant.quantize_, "pack", "backend", check=check_backend)
-CALIBRATION_FREE = (quant.RTNConfig, quant.MXConfig, quant.HQQConfig)  # quantizers that read no calibration data...
-
-
-def _reads_calibration(config) -> bool:
-    """...except a microscaling format rounded by GPTQ."""
-    return not isinstance(config, CALIBRATION_FREE) or getattr(config, "method", "rtn") == "gptq"
-
-
 def _quantize(state: State, p: Params) -> None:
     config = p.parts[0]
-    calib = state.calib_ids() if _reads_calibration(config) else None
+    calib = state.calib_ids() if quant.reads_calibration(config) else None
     options = asdict(p.of(QuantizeOptions)) if len(p.parts) > 1 else {}
     quant.quantize_(state.model, config, calib, progress=state.progress, **options)
 
 
 for _name, (_config, _url) in quant.METHODS.items():  # one step per quantizer, with the library's config
     register(_name, (_config,) if _name == "smoothquant" else (_config, QuantizeOptions), _quantize, kind="quantize",
-             url=_url, reads=lambda p: ("calib",) if _reads_calibration(p.parts[0]) else (),
+             url=_url, reads=lambda p: ("calib",) if quant.reads_calibration(p.parts[0]) else (),
              needs={"awq": lambda p: ("fold",), "smoothquant": lambda p: ("fold",) if p.smooth else ()}.get(_name, lambda p: ()))
 
 

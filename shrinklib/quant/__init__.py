@@ -55,6 +55,14 @@ METHODS = {
 Config = RTNConfig | GPTQConfig | AWQConfig | SmoothQuantConfig | MXConfig | HQQConfig | GPTAQConfig | AutoRoundConfig | QATConfig
 
 
+def reads_calibration(config: Config) -> bool:
+    """Whether `quantize_` with this config reads calibration ids: every method but round to nearest
+    (RTN, a microscaling format rounded to nearest) and HQQ."""
+    if isinstance(config, MXConfig):
+        return config.method == "gptq"
+    return not isinstance(config, (RTNConfig, HQQConfig))
+
+
 def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None, pack: bool = True, device=None,
               progress: bool = True, backend: str = "reference") -> float:
     """Quantize a model in place with the method its config names; returns the seconds it took.
@@ -78,7 +86,7 @@ def quantize_(model: nn.Module, config: Config, calib_ids: Tensor | None = None,
     target = "reference" if pack else None
     if isinstance(config, RTNConfig):
         rtn_(model, config, target, progress)
-    elif isinstance(config, (GPTQConfig, AWQConfig)) or (isinstance(config, MXConfig) and config.method == "gptq"):
+    elif isinstance(config, (GPTQConfig, AWQConfig)) or (isinstance(config, MXConfig) and reads_calibration(config)):
         if calib_ids is None:
             raise ValueError(f"{type(config).__name__} needs calib_ids, an (n, L) tensor of calibration token ids")
         (awq_ if isinstance(config, AWQConfig) else gptq_)(model, calib_ids, config, target, device, progress)
@@ -103,7 +111,7 @@ __all__ = [
     "gptaq_quantize", "hqq_", "hqq_quantize", "mx_", "quantize_mx",
     "AWQConfig", "BACKENDS", "GPTQConfig", "METHODS", "QTensor", "QuantLinear", "RTNConfig", "SmoothQuantConfig", "TABLES",
     "W8A8Linear", "awq_", "awq_search_clip", "awq_search_scale", "backend_class", "dequantize", "dequantize_codes", "gptq_",
-    "gptq_quantize", "gptq_quantize_mx", "gptq_step", "int_params", "load_quantized", "pack_codes", "quant_layers", "quantize", "quantize_",
+    "gptq_quantize", "gptq_quantize_mx", "gptq_step", "int_params", "load_quantized", "pack_codes", "quant_layers", "quantize", "quantize_", "reads_calibration",
     "quantize_codes", "quantize_from_disk", "quantize_rtn", "quantize_weight", "storage_grid", "rtn_", "save_quantized", "set_backend_", "smooth_scales",
     "smoothquant_", "unpack_codes", "quantize_activations", "w8a8_class",
     "RotationConfig", "hadamard", "quantize_inputs_", "random_hadamard", "rotate_",

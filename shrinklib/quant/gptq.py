@@ -117,8 +117,8 @@ def gptq_block_(W1: Tensor, S1: Tensor, Z1: Tensor, Hinv1: Tensor, Q1: Tensor, b
 
 def mx_block_(W1: Tensor, S1: Tensor, Z1: Tensor, Hinv1: Tensor, Q1: Tensor, fmt: str) -> Tensor:
     """`gptq_block_` on a microscaling grid: each column rounds to the nearest element of the format
-    times its block scale S1 (NVFP4: scale · per-tensor scale; positive); Z1 is unused. The element's value goes into Q1; the error spreads over the
-    batch's later columns as in GPTQ."""
+    times its block scale S1 (NVFP4: scale · per-tensor scale; positive); Z1 is unused. The
+    element's value goes into Q1; the error spreads over the batch's later columns as in GPTQ."""
     E1 = torch.empty_like(W1)  # (B, out) scaled errors
     h_, d_ = Hinv1.unbind(0), Hinv1.diagonal().unbind(0)
     for i in range(W1.shape[0]):
