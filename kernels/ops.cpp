@@ -39,6 +39,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut_gemv", &shrink::lut_gemv);
   m.def("w8a8_linear", &shrink::w8a8_linear);
   m.def("sparse24_matmul", &shrink::sparse24_matmul);
-  m.def("qdequant_into", &shrink::qdequant_into);  // eager prefill: dequantize into a reused buffer
-  m.def("lut_dequant_into", &shrink::lut_dequant_into);
+  m.def("lut_dequant_into", &shrink::lut_dequant_into);  // eager prefill: dequantize into a reused buffer
 }

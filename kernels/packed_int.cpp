@@ -47,6 +47,9 @@ void check_qargs(const at::Tensor& packed, const at::Tensor& scales, const at::T
 
 }  // namespace
 
+// Above this many rows of x, qmatmul dequantizes the weight and calls the BLAS (dequant_matmul).
+constexpr int GEMV_MAX_ROWS = 4;
+
 // x (..., K) float32 -> y (..., N).
 at::Tensor qmatmul(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
                    const at::Tensor& szeros, const at::Tensor& codebook, int64_t bits, int64_t gi) {
@@ -56,14 +59,20 @@ at::Tensor qmatmul(const at::Tensor& x_in, const at::Tensor& packed, const at::T
   const int M = x.size(0), K = x.size(1), N = packed.size(0), G = scales.size(1), Kp = G * gi;
   TORCH_CHECK(K <= Kp && K > Kp - gi, "x has ", K, " features; the packed weight has ", G, " groups of ", gi);
   at::Tensor xp = K == Kp ? x : at::constant_pad_nd(x, {0, Kp - K});
-  at::Tensor xs = xp.view({M, G, gi}).sum(2).contiguous();  // (M, G) sums of x per group
-  at::Tensor y = at::empty({M, N}, x.options());
-  QRowFn fn = qrow_fn(bits, codebook.numel() > 0, level());
-  const float* px = xp.data_ptr<float>();
   const f16 *ps = scales.data_ptr<f16>(), *psz = szeros.data_ptr<f16>();
   const float* pcb = codebook.numel() ? codebook.data_ptr<float>() : nullptr;
   const uint8_t* pk = packed.data_ptr<uint8_t>();
   const int64_t rb = packed.size(1);
+  if (M > GEMV_MAX_ROWS) {
+    DqFn dq = dq_fn(bits, codebook.numel() > 0, level());
+    return dequant_matmul(xp, N, [&](int64_t o0, int64_t o1, float* w) {
+      for (int64_t o = o0; o < o1; ++o) dq(pk + o * rb, ps + o * G, psz + o * G, G, gi, pcb, w + (o - o0) * Kp);
+    }).view(out_shape);
+  }
+  at::Tensor xs = xp.view({M, G, gi}).sum(2).contiguous();  // (M, G) sums of x per group
+  at::Tensor y = at::empty({M, N}, x.options());
+  QRowFn fn = qrow_fn(bits, codebook.numel() > 0, level());
+  const float* px = xp.data_ptr<float>();
   float *py = y.data_ptr<float>(), *pxs = xs.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
     for (int64_t o = b; o < e; ++o) fn(px, M, Kp, pk + o * rb, ps + o * G, psz + o * G, pxs, G, gi, pcb, py, N, o);

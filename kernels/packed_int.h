@@ -196,8 +196,23 @@ __attribute__((target("avx2,fma,f16c"))) void dq_row_avx2(const uint8_t* pk, con
 }
 
 
+// The AVX-512 variant: 16 weights per conversion and store (the same fma per weight: bit-identical).
 template <int BITS, bool CB>
-DqFn pick_dq(int lvl) { return lvl >= AVX2 ? dq_row_avx2<BITS, CB> : dq_row_scalar<BITS, CB>; }
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c"))) void dq_row_avx512(
+    const uint8_t* pk, const f16* s, const f16* sz, int G, int gi, const float* cb, float* w) {
+  const __m512 cbv = CB ? _mm512_loadu_ps(cb) : _mm512_setzero_ps();
+  for (int k = 0; k < G * gi; k += 32) {
+    const __m256i q = unpack32_avx2<BITS>(pk + k / 32 * 4 * BITS);
+    const __m512 sv = _mm512_set1_ps(h2f_v(s[k / gi])), zv = _mm512_set1_ps(h2f_v(sz[k / gi]));
+    _mm512_storeu_ps(w + k, _mm512_fmsub_ps(sv, to_float16<CB>(_mm256_castsi256_si128(q), cbv), zv));
+    _mm512_storeu_ps(w + k + 16, _mm512_fmsub_ps(sv, to_float16<CB>(_mm256_extracti128_si256(q, 1), cbv), zv));
+  }
+}
+
+template <int BITS, bool CB>
+DqFn pick_dq(int lvl) {
+  return lvl >= AVX512 ? dq_row_avx512<BITS, CB> : lvl >= AVX2 ? dq_row_avx2<BITS, CB> : dq_row_scalar<BITS, CB>;
+}
 
 QRowFn codebook_qrow_fn(int lvl);  // codebook.cpp
 DqFn codebook_dq_fn(int lvl);

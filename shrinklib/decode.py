@@ -4,7 +4,9 @@ A `transformers` model decodes one token per call through dozens of Python modul
 dynamic KV cache grows (a new tensor per layer per token). `Decoder` preallocates the cache
 (`transformers.StaticCache`, fixed shapes) and compiles the one-token step with `torch.compile`
 (on CPU: inductor, which writes and builds C++ with the system compiler), so each token is one call
-of generated code; the prompt (any length) runs eagerly into the same cache. Quantized layers on
+of generated code; the prompt (any length) runs eagerly into the same cache. After the first step the
+compiled graph's guards (a check of every parameter and buffer of the model: 3 ms of each SmolLM2
+step under the profiler, one thread) are skipped: every step has the first one's inputs. Quantized layers on
 the kernels run inside the compiled step as `torch.ops.shrink.*` operators.
 
 The compile is paid once per model shape and format (the warm-up: `Decoder.warmup_seconds`, tens
@@ -64,6 +66,9 @@ class DecodeOutput:
 class Decoder:
     """Greedy batch-1 decoding of a causal LM with a static KV cache and a compiled one-token step.
 
+    The model is compiled as it is at the first step: after changing it (its weights or modules),
+    make a new Decoder.
+
     Args:
         model: a `transformers` causal LM (float or quantized on any backend).
         max_len: positions the cache holds (prompt + new tokens).
@@ -105,12 +110,18 @@ class Decoder:
             raise ValueError(f"position {position} is outside the cache of {self.max_len}")
         ids = torch.tensor([[token]], device=self.device)
         pos = torch.tensor([position], device=self.device)
-        if self.warmup_seconds is None and self.compiled:
+        if not self.compiled:
+            return self._step(ids, pos)
+        if self.warmup_seconds is None:
             t0 = time.perf_counter()
             out = self._step(ids, pos)
             self.warmup_seconds = time.perf_counter() - t0
             return out
-        return self._step(ids, pos)
+        # Every later step has the inputs of the first (one token, one position, the same cache and
+        # model), so the compiled graph's guards, which check every parameter and buffer of the
+        # model), cannot fail: skip them.
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            return self._step(ids, pos)
 
     def generate(self, ids: Tensor, new_tokens: int) -> DecodeOutput:
         """Greedy decoding of `new_tokens` tokens after the prompt `ids` (1, L)."""

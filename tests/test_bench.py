@@ -68,7 +68,8 @@ def test_targets_read_off_the_rows():
             row("ours lut2 (T-MAC)", 0.31), row("torch f32 F.linear", 15.0, batch=16),
             row("torch int8 dynamic (fbgemm)", 1.8, batch=16), row("ours lut4 (T-MAC)", 3.2, batch=16),
             row("ours int4", 17.0, batch=16), row("ours w8a8", 1.5, batch=16)]
-    models = [{"format": "float32", "decode tok/s (eager)": 20.0, "decode tok/s (compiled)": 50.0, "prefill tok/s": 500.0},
+    models = [{"format": "float32", "decode tok/s (eager)": 20.0, "decode tok/s (compiled)": 50.0, "prefill tok/s": 500.0,
+               "size MB": 538.0},
               {"format": "lut4", "decode tok/s (eager)": 60.0, "decode tok/s (compiled)": 130.0, "prefill tok/s": 440.0},
               {"format": "lut2", "decode tok/s (eager)": 70.0, "decode tok/s (compiled)": 120.0, "prefill tok/s": 480.0},
               {"format": "llama.cpp Q4_1 GGUF", "decode tok/s": 126.0, "prefill tok/s": 240.0}]
@@ -76,7 +77,8 @@ def test_targets_read_off_the_rows():
     got = {g["target"]: (round(g["measured"], 3), g["met"]) for g in goals}
     assert {g["target"]: g["which"] for g in goals if "which" in g} == {  # the slowest and the fastest of ours
         "batch 16 (4096²): every format of ours >= float32": "ours int4",
-        "batch 16 (4096²): best of ours >= fbgemm int8": "ours w8a8"}
+        "batch 16 (4096²): best of ours >= fbgemm int8": "ours w8a8",
+        "float32 decode >= 2x the eager transformers loop": "bandwidth ceiling 55.8 tok/s; compiled at 90% of it"}
     assert got == {
         "4-bit >= 5x float32 F.linear (4096², batch 1)": (6.0, True),
         "4-bit faster than every torch path (4096², batch 1)": (1.2, True),
@@ -92,6 +94,34 @@ def test_targets_read_off_the_rows():
         "batch 16 (4096²): every format of ours >= float32": (0.882, False),
         "batch 16 (4096²): best of ours >= fbgemm int8": (1.2, True),
     }
+
+
+def test_model_figure_draws_every_format(tmp_path, monkeypatch):
+    """The whole-model figure: one group of bars per format (llama.cpp's row has one decode column,
+    ours two), repeated runs drawn once."""
+    monkeypatch.setenv("SHRINKLIB_OUTPUTS", str(tmp_path))
+    models = [{"format": "float32", "decode tok/s (eager)": 20.0, "decode tok/s (compiled)": 50.0, "prefill tok/s": 500.0, "run": 1},
+              {"format": "lut4", "decode tok/s (eager)": 60.0, "prefill tok/s": 440.0, "run": 1},
+              {"format": "lut4", "decode tok/s (eager)": 61.0, "prefill tok/s": 450.0, "run": 2},
+              {"format": "llama.cpp Q4_1 GGUF", "decode tok/s": 126.0, "prefill tok/s": 240.0, "run": 1}]
+    path = bench.model_figure(models)
+    assert path == tmp_path / "figures" / "03_bench_model.png" and path.stat().st_size > 0
+    import matplotlib.pyplot as plt
+
+    ax1, ax2 = plt.gcf().axes
+    assert [t.get_text() for t in ax2.get_xticklabels()] == ["float32", "lut4", "llama.cpp Q4_1 GGUF"]
+    assert [b.get_height() for b in ax2.patches] == [500.0, 440.0, 240.0]
+    assert len(ax1.patches) == 9  # three bars (eager, compiled, llama.cpp) per format, empty where absent
+    plt.close("all")
+
+
+def test_bench_writes_to_its_own_folder(tmp_path, monkeypatch):
+    """`make bench` writes outputs/bench/, never outputs/results/ (the notebooks' results, which
+    `make test` compares file by file): a benchmark run then a test run must both pass."""
+    monkeypatch.setenv("SHRINKLIB_OUTPUTS", str(tmp_path))
+    metrics = bench.main(["--no-layers", "--no-model"])
+    assert metrics["layers"] == [] and metrics["model"] == [] and metrics["bandwidth_GBps"] > 0
+    assert (tmp_path / "bench" / "03_bench.json").is_file() and not (tmp_path / "results").exists()
 
 
 def test_llama_cpp_row_is_absent_without_the_package(monkeypatch):

@@ -48,9 +48,26 @@ def test_int_matmul_matches_reference(path, N, Kf, g, bits):
     W = R.dequantize(w)
     with K.use_simd(path):
         torch.testing.assert_close(K.dequantize(w), W, rtol=1e-6, atol=1e-6)  # one fma per weight
-        for M in (1, 9):  # the GEMV path, and 4-row blocks plus a remainder
+        for M in (1, 3, 4, 9, 70):  # the GEMV (rows one by one, 4-row blocks); tiles and the BLAS above 4 rows
             x = torch.randn(M, Kf, generator=torch.Generator().manual_seed(M))
             close(K.int_matmul(x, w), R.int_matmul(x, w), x, W)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_many_rows_take_the_whole_dequantized_weight(path):
+    """Above a mebibyte of x, the int, codebook and 2:4 kernels dequantize the whole weight into a
+    reused buffer and call the BLAS once (below it, tiles of 64 output rows): equal to the reference,
+    twice in a row (the buffer is reused) and for a smaller weight after a larger one."""
+    with K.use_simd(path):
+        for N, Kf, g in [(130, 300, 32), (33, 200, 64)]:
+            x = torch.randn(1100, Kf, generator=torch.Generator().manual_seed(N))  # 1.3 and 0.9 MB of x
+            q, s, z = random_codes(N, Kf, 4, g)
+            for w in (K.pack_int(q, s, z, 4, g), K.pack_codebook(q, s, "nf4", g)):
+                for _ in range(2):
+                    close(K.int_matmul(x, w), R.int_matmul(x, w), x, R.dequantize(w))
+            W, mask = random_24(N, Kf)
+            w = K.pack_sparse24(W, mask)
+            close(K.sparse24_matmul(x, w), R.sparse24_matmul(x, w), x, W * mask)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -174,9 +191,10 @@ def test_sparse24_matches_reference(path, N, Kf):
     W, mask = random_24(N, Kf)
     w = K.pack_sparse24(W, mask)
     assert torch.equal(R.sparse24_dense(w), W * mask)
-    x = torch.randn(3, Kf)
     with K.use_simd(path):
-        close(K.sparse24_matmul(x, w), R.sparse24_matmul(x, w), x, W * mask)
+        for M in (1, 3, 9, 17, 33, 70):  # the GEMV kernel, x transposed (2 to 32 rows), the dense weight and the BLAS
+            x = torch.randn(M, Kf, generator=torch.Generator().manual_seed(M))
+            close(K.sparse24_matmul(x, w), R.sparse24_matmul(x, w), x, W * mask)
 
 
 @pytest.mark.parametrize("N,Kf", [(33, 100), (7, 64), (64, 576), (5, 37), (1, 3)])
@@ -282,9 +300,12 @@ def test_sparse24_module():
     W, mask = random_24(9, 40)
     lin.weight.data = W * mask
     layer = Mo.Sparse24Linear.from_linear(lin, mask)
-    for M in (5, Mo.GEMV_MAX_ROWS + 3):  # the GEMV kernel, then densify + GEMM
+    for M in (3, 11):  # the GEMV kernel, then densified tiles and the BLAS
         x = torch.randn(M, 40)
         torch.testing.assert_close(layer(x), lin(x), rtol=1e-5, atol=1e-5)
+    x = torch.randn(11, 40, requires_grad=True)  # a gradient through x: F.linear on the dense weight
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, (W * mask).sum(0).expand(11, 40), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -310,32 +331,47 @@ def test_lut_module_switches_to_gemm_above_threshold(monkeypatch, bf16):
     torch.testing.assert_close(layer(many), K.lut_gemv(many, w) + lin.bias, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int3", "nf4", "lut3"])
-def test_many_rows_dequantize_into_the_reused_buffer(fmt):
-    """Above the GEMV threshold a layer dequantizes into one reused float32 buffer and calls the
+@pytest.mark.parametrize("fmt", ["int4", "int3", "nf4"])
+def test_int_layers_take_any_number_of_rows(fmt):
+    """An int or codebook layer runs every batch on its kernel (the GEMV, or tiles of the dequantized
+    weight and the BLAS): equal to F.linear on its dequantized weight for 1 to 51 rows of odd shapes;
+    with a gradient through x it runs F.linear itself, and the gradient is the weight's column sums."""
+    torch.manual_seed(0)
+    for n, k in [(70, 100), (33, 200), (40, 37)]:
+        layer = Mo.FORMATS[fmt](nn.Linear(k, n))
+        W = layer.dequantized_weight()
+        for shape in [(1, k), (4, k), (5, k), (3, 17, k)]:
+            x = torch.randn(shape)
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, W, layer.bias), rtol=1e-5, atol=1e-5)
+        x = torch.randn(20, k, requires_grad=True)
+        layer(x).sum().backward()
+        torch.testing.assert_close(x.grad, W.sum(0).expand(20, k), rtol=1e-5, atol=1e-5)
+
+
+def test_many_rows_dequantize_into_the_reused_buffer():
+    """Above the GEMV threshold a LUT layer dequantizes into one reused float32 buffer and calls the
     GEMM: equal to F.linear on its dequantized weight, layer after layer of different (odd) shapes,
     a smaller one after a larger one included (the buffer is not shrunk, only viewed)."""
     torch.manual_seed(0)
-    make = Mo.rtn_layer("lut", 3) if fmt == "lut3" else Mo.FORMATS[fmt]
-    layers = [make(nn.Linear(k, n)) for n, k in [(70, 100), (33, 200), (40, 37)]]
+    layers = [Mo.rtn_layer("lut", 3)(nn.Linear(k, n)) for n, k in [(70, 100), (33, 200), (40, 37)]]
     for _ in range(2):
         for layer in layers:
             x = torch.randn(3, 17, layer.in_features)
             ref = torch.nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
-            if fmt == "lut3" and Mo.LUT_PREFILL_BF16:
+            if Mo.LUT_PREFILL_BF16:
                 assert ((layer(x) - ref).abs() <= 0.01 * (x.abs() @ layer.dequantized_weight().abs().T + layer.bias.abs())).all()
             else:
                 torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
-    assert K.scratch_bytes() >= 4 * 70 * 128  # the largest (out, padded in) asked for
+    assert K.scratch_bytes() >= 4 * 70 * 100  # the largest (out, in) asked for
     big = K.scratch(1, 1)
-    assert big.shape == (1, 1) and K.scratch_bytes() >= 4 * 70 * 128  # viewed, never shrunk
+    assert big.shape == (1, 1) and K.scratch_bytes() >= 4 * 70 * 100  # viewed, never shrunk
     a, b = layers[0], layers[1]  # a gradient through x keeps its own weight, not the buffer
     x = torch.randn(20, a.in_features, requires_grad=True)
     y = a(x)
     b(torch.randn(20, b.in_features))  # overwrites the buffer between a's forward and backward
     y.sum().backward()
     Wa = a.dequantized_weight()  # dL/dx = Σ_o W[o, :]; a bfloat16 GEMM rounds each W to 8 significant bits
-    bound = 2**-8 * Wa.abs().sum(0) if fmt == "lut3" and Mo.LUT_PREFILL_BF16 else 1e-5
+    bound = 2**-8 * Wa.abs().sum(0) if Mo.LUT_PREFILL_BF16 else 1e-5
     assert ((x.grad - Wa.sum(0)).abs() <= bound).all()
 
 

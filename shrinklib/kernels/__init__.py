@@ -235,14 +235,6 @@ def scratch_bytes() -> int:
     return 0 if buf is None else buf.numel() * 4
 
 
-def dequantize_into_scratch(w: PackedInt) -> Tensor:
-    """`dequantize(w)` written into the reused buffer (eager only): (out, in), a view whose rows may
-    be padded to whole groups. Valid until the next call."""
-    W = scratch(w.out_features, w.scales.shape[1] * w.group_size)  # (out, Kp)
-    ext().qdequant_into(w.packed, w.scales, w.szeros, w.codebook, w.bits, w.group_size, W)
-    return W[:, : w.in_features]
-
-
 def lut_dequantize_into_scratch(w: PackedLUT) -> Tensor:
     """`lut_dequantize(w)` written into the reused buffer (eager only). Valid until the next call."""
     W = scratch(w.out_features, w.in_features)

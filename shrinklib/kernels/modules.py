@@ -19,14 +19,11 @@ from ..quant.formats import QTensor, expand_groups, grouped, nearest, quantize_w
 from ..quant.qlinear import QuantLinear
 from ..quant.smoothquant import W8A8Linear
 from ..units import MiB
-from . import (check_x, dequantize, dequantize_into_scratch, ext, lut_dequantize, lut_dequantize_into_scratch,
+from . import (check_x, dequantize, ext, lut_dequantize, lut_dequantize_into_scratch,
                sparse24_dense)
 from .pack import (CODEBOOKS, Packed24, PackedInt, PackedLUT, lut_row_scales, pack_codebook, pack_int, pack_lut,
                    pack_sparse24, unpack_int, unpack_lut)
 
-GEMV_MAX_ROWS = 8  # above this many rows of x, IntLinear (and Sparse24Linear) build the float weight and call the float GEMM
-# (At 16 rows on 4096x4096 the GEMV kernel measured 11.8 ms at every bit width, compute-bound, against
-# 7.0 ms for float32 F.linear: many rows stay on dequantize + GEMM.)
 # Above this many rows LUTLinear dequantizes and calls the float GEMM. Measured (2 AVX2 cores, lut4,
 # ms: LUT kernel / lut_dequantize + F.linear): 576x576 at 16 rows 0.104 / 0.109, 24 rows 0.152 / 0.132;
 # 576x1536 (down) 16 rows 0.248 / 0.259, 32 rows 0.586 / 0.378; 1536x576 (up) 32 rows 0.352 / 0.414,
@@ -63,6 +60,12 @@ def keeps_weight(x: Tensor) -> bool:
     return torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled())
 
 
+def needs_grad(x: Tensor) -> bool:
+    """Whether autograd will ask for x's gradient (the kernels have none: the layer then runs F.linear
+    on its float weight)."""
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 def kernel(name: str):
     """The kernel `name`: its direct binding when eager, the torch operator while tracing or compiling."""
     return getattr(torch.ops.shrink, name) if torch.compiler.is_compiling() else getattr(ext(), name)
@@ -82,8 +85,9 @@ def codebook_codes(W: Tensor, codebook: Tensor, group_size: int) -> tuple[Tensor
 
 class IntLinear(QuantLinear):
     """The "int" and "codebook" backends: a QTensor as bit planes for the packed-int kernel (2/3/4/8-bit
-    integer grids, or 4-bit indices into a 16-entry table such as NF4/FP4); the GEMV kernel for few
-    rows, dequantize + GEMM for many."""
+    integer grids, or 4-bit indices into a 16-entry table such as NF4/FP4) on the packed-int kernel,
+    which serves every batch: a GEMV for up to 4 rows, tiles of the dequantized weight and the BLAS
+    for more (float32 throughout, so equal to the reference backend to float32 rounding)."""
 
     backend = "int"
 
@@ -113,9 +117,9 @@ class IntLinear(QuantLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         b = self._buffers  # one dict instead of nn.Module's __getattr__ per buffer: decode calls this ~200 times a token
-        if check_x(x, self.in_features).numel() > GEMV_MAX_ROWS * self.in_features:
-            W = dequantize(self.weight_format) if keeps_weight(x) else dequantize_into_scratch(self.weight_format)
-            return F.linear(x, W, b["bias"])
+        if needs_grad(check_x(x, self.in_features)):  # the kernels have no backward: F.linear on the float weight
+            return F.linear(x, dequantize(self.weight_format), b["bias"])
+        # any number of rows: the kernel's GEMV for a few, tiles of the dequantized weight and the BLAS for more
         y = kernel("qmatmul")(x, b["packed"], b["scales"], b["szeros"], b["codebook"], self.bits, self.kernel_group)
         return y if b["bias"] is None else y + b["bias"]
 
@@ -196,9 +200,9 @@ class Sparse24Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b = self._buffers
-        if check_x(x, self.in_features).numel() > GEMV_MAX_ROWS * self.in_features:  # crossover 8-16 rows, as IntLinear's
+        if needs_grad(check_x(x, self.in_features)):
             return F.linear(x, sparse24_dense(Packed24(b["values"], b["index"], self.in_features, self.out_features)), b["bias"])
-        y = kernel("sparse24_matmul")(x, b["values"], b["index"])
+        y = kernel("sparse24_matmul")(x, b["values"], b["index"])  # the GEMV for a few rows, densified tiles and the BLAS for more
         return y if b["bias"] is None else y + b["bias"]
 
 
