@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from . import kernels as K
 from .evaluate import model_size_bytes, best_time, last_level_cache_bytes, peak_flops, read_bandwidth, streamed_time
+from .io import atomic_write_text
 from .kernels import modules as Mo
 from .results import Results, markdown_table, new_figure, outputs_dir, save_figure, show_table
 
@@ -304,8 +305,6 @@ def write_csv(rows: list[dict], name: str) -> Path:
     import csv
     import io
 
-    from .io import atomic_write_text
-
     keys = list(dict.fromkeys(k for r in rows for k in r))
     text = io.StringIO()
     writer = csv.DictWriter(text, keys)
@@ -465,8 +464,6 @@ def main(argv: list[str] | None = None) -> dict:
     res.metrics.update({"bandwidth_GBps": bw / 1e9, "peak_GFLOPs": fl / 1e9, "layers": rows, "model": model_rows, "targets": goals,
                         "calibration": calibration})
     if not quick:  # in a folder of its own: outputs/results holds the notebooks' results, which the tests compare
-        from .io import atomic_write_text
-
         atomic_write_text(outputs_dir() / "bench" / "03_bench.json", json.dumps(res.to_dict(), indent=2) + "\n")
         if model_rows:
             write_csv(model_rows, "03_bench_model")

@@ -119,7 +119,7 @@ class Decoder:
             return out
         # Every later step has the inputs of the first (one token, one position, the same cache and
         # model), so the compiled graph's guards, which check every parameter and buffer of the
-        # model), cannot fail: skip them.
+        # model, cannot fail: skip them.
         with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
             return self._step(ids, pos)
 

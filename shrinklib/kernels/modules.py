@@ -57,7 +57,7 @@ def keeps_weight(x: Tensor) -> bool:
     """Whether the float weight of a many-row call must be a tensor of its own rather than the reused
     buffer: in a traced graph (which allocates its own), or when autograd keeps it for x's gradient
     (the next layer would overwrite it before the backward pass)."""
-    return torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled())
+    return torch.compiler.is_compiling() or needs_grad(x)
 
 
 def needs_grad(x: Tensor) -> bool:
@@ -202,7 +202,7 @@ class Sparse24Linear(nn.Module):
         b = self._buffers
         if needs_grad(check_x(x, self.in_features)):
             return F.linear(x, sparse24_dense(Packed24(b["values"], b["index"], self.in_features, self.out_features)), b["bias"])
-        y = kernel("sparse24_matmul")(x, b["values"], b["index"])  # the GEMV for a few rows, densified tiles and the BLAS for more
+        y = kernel("sparse24_matmul")(x, b["values"], b["index"])  # any number of rows: the kernel picks its path
         return y if b["bias"] is None else y + b["bias"]
 
 
